@@ -1,0 +1,145 @@
+"""The ``llmc-tpu`` command: one subcommand per stage of a user's day."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISMATCH = 0, 1, 2, 3
+
+EPILOG = """\
+examples:
+  llmc-tpu quantize --config configs/LLM/demo_rtn.yml          # the embedded demo (no network)
+  llmc-tpu check-config my.yml                                 # validate, print every resolved default
+  llmc-tpu verify ./save/demo_rtn                              # compile with TPU-MLIR, compare code for code
+
+exit codes: 0 ok, 1 run failed, 2 bad config or arguments, 3 verify found mismatches
+"""
+
+log = logging.getLogger("llmc_tpu")
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "datasets", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "--config_path", dest="config", required=True, metavar="CFG.yml",
+                   help="the run config (YAML with sections base, model, calib, eval, quant, save, run)")
+    p.add_argument("--overwrite", action="store_true", help="replace save.save_path if it exists (only once the new run is complete)")
+    p.add_argument("--llmc_tpu_path", help=argparse.SUPPRESS)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from llmc_tpu.config import ConfigError, load_config
+    from llmc_tpu.pipeline import Quantizer
+
+    if getattr(args, "llmc_tpu_path", None):
+        print("note: --llmc_tpu_path is no longer needed and is ignored", file=sys.stderr)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    report = Quantizer(cfg, overwrite=args.overwrite, progress=not args.quiet).run()
+    print(report.summary())
+    return EXIT_OK
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from llmc_tpu.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(yaml.safe_dump(cfg.model_dump(), sort_keys=False), end="")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from llmc_tpu.tpu.rtn import TpuWeightFormat
+    from llmc_tpu.verify import VerifyError, format_verify_table, verify
+
+    save = Path(args.save_path)
+    try:
+        report = json.loads((save / "report.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        print(f"error: {save}/report.json not found: give the save_path of a finished llmc-tpu run", file=sys.stderr)
+        return EXIT_USAGE
+    f = report["tpu_format"]
+    fmt = TpuWeightFormat(f["bits"], f["group_size"], f["symmetric"], f["scale_dtype"], f["chip"])
+    model_dir = save / "transformed_model"
+    if not model_dir.is_dir():
+        print(f"error: {model_dir} not found (the run had save.save_trans off)", file=sys.stderr)
+        return EXIT_USAGE
+    work = Path(args.work_dir) if args.work_dir else save / "verify"
+    try:
+        result = verify(model_dir, fmt, seq_len=args.seq_len, work_dir=work)
+    except VerifyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(format_verify_table(result))
+    return EXIT_OK if result.ok else EXIT_MISMATCH
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmc-tpu", description="Prepare LLMs for Sophgo TPUs: RTN/AWQ/GPTQ scored with TPU-MLIR's own quantizer.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final summary; no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("quantize", help="run a config: evaluate, quantize block by block, save, report",
+                       description="Run a config end to end and write save.save_path (report.md, transformed_model/, ...).",
+                       epilog="example: llmc-tpu quantize --config configs/LLM/demo_rtn.yml --overwrite",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_quantize_args(p)
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("check-config", help="validate a config and print it with every default filled",
+                       epilog="example: llmc-tpu check-config configs/LLM/Awq.yml")
+    p.add_argument("config", metavar="CFG.yml")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("verify", help="compile a run's transformed_model with TPU-MLIR and compare its codes with ours",
+                       description="Needs TPU-MLIR (tools/install_tpu_mlir.sh). Exits 3 on any mismatch.",
+                       epilog="example: llmc-tpu verify ./save/demo_rtn")
+    p.add_argument("save_path", help="save.save_path of a finished run")
+    p.add_argument("--seq-len", type=int, default=64, help="sequence length to compile with (weights do not depend on it)")
+    p.add_argument("--work-dir", help="where TPU-MLIR writes (default SAVE_PATH/verify)")
+    p.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.quiet, args.verbose)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written to save.save_path", file=sys.stderr)
+        return 130
+    except Exception as exc:  # known failures print one line; unknown ones keep the traceback under -v
+        from llmc_tpu.errors import USER_ERRORS
+
+        if isinstance(exc, USER_ERRORS) and not args.verbose:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""The config schema: sections and keys of llmc/llmc-tpu, each with its default.
+
+Key names follow the anchor (base, model, calib, eval, quant, save, run) so that
+llmc-tpu configs keep working; unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EvalPos = Literal["pretrain", "transformed", "fake_quant"]
+CHIPS = ("bm1684x", "bm1688", "cv186x")
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class BaseSection(Section):
+    seed: int = 42
+
+
+class ModelSection(Section):
+    path: str = Field(description="local Hugging Face folder or hub id")
+    type: Optional[str] = Field(None, description="Llama, Qwen2, ... or an HF model_type; read from config.json when left out")
+    tokenizer_mode: Literal["fast", "slow"] = "fast"
+    torch_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    trust_remote_code: bool = False
+
+
+class CalibSection(Section):
+    name: Optional[str] = Field(None, description="pileval, wikitext2, c4, ptb, custom_txt; default by method")
+    download: bool = False
+    path: Optional[str] = None
+    n_samples: int = Field(128, gt=0)
+    bs: int = Field(-1, description="-1: all samples in one batch")
+    seq_len: int = Field(512, gt=0)
+    preproc: Optional[str] = Field(None, description="pileval_awq, wikitext2_gptq, c4_gptq, ptb_gptq, random_truncate_txt")
+    seed: Optional[int] = Field(None, description="defaults to base.seed")
+    padding: bool = False
+    apply_chat_template: bool = False
+    add_answer: bool = False
+
+
+class EvalSection(Section):
+    eval_pos: list[EvalPos] = Field(default_factory=lambda: ["pretrain", "transformed", "fake_quant"])
+    type: Literal["ppl"] = "ppl"
+    name: Union[str, list[str]] = "wikitext2"
+    download: bool = False
+    path: Union[str, list[str], None] = None
+    bs: int = Field(1, gt=0)
+    seq_len: int = Field(2048, gt=0)
+    inference_per_block: bool = False
+    eval_token_consist: bool = Field(False, description="also report how often fake_quant's argmax token equals pretrain's")
+
+
+class WeightSection(Section):
+    bit: Literal[4, 8] = 4
+    symmetric: bool = False
+    granularity: Literal["per_group", "per_channel"] = "per_group"
+    group_size: int = 64
+    calib_algo: Literal["minmax"] = Field("minmax", description="TPU-MLIR's RTN grid is min/max; no other")
+
+
+class AwqSpecial(Section):
+    trans: bool = True
+    trans_version: Literal["v1", "v2"] = "v2"
+    weight_clip: bool = True
+    clip_sym: bool = True
+
+
+class GptqSpecial(Section):
+    actorder: bool = False
+    static_groups: bool = False
+    percdamp: float = Field(0.01, gt=0)
+    blocksize: int = Field(128, gt=0)
+    true_sequential: bool = True
+
+
+class RtnSpecial(Section):
+    pass
+
+
+SPECIALS: dict[str, type[Section]] = {"RTN": RtnSpecial, "Awq": AwqSpecial, "GPTQ": GptqSpecial}
+
+
+class QuantSection(Section):
+    method: str = Field(description="RTN, Awq or GPTQ (any case)")
+    weight: WeightSection = Field(default_factory=WeightSection)
+    special: dict[str, Any] = Field(default_factory=dict)
+    quant_out: bool = False
+    quant_objects: list[Literal["language", "vision"]] = Field(default_factory=lambda: ["language"])
+
+
+class SaveSection(Section):
+    save_path: str
+    save_trans: bool = True
+    save_fake: bool = False
+    save_vllm: bool = False
+    save_sgl: bool = False
+    save_autoawq: bool = False
+    save_lightllm: bool = False
+    save_mlcllm: bool = False
+    save_trtllm: bool = False
+
+
+class RunSection(Section):
+    task_name: str = "llmc_tpu"
+    task_type: Literal["LLM", "VLM"] = "LLM"
+    chip: Literal["bm1684x", "bm1688", "cv186x"] = "bm1684x"
+    tpu_dtype: Literal["bf16", "f16"] = Field("bf16", description="activation dtype on the TPU: W*BF16 or W*F16")
+    device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
+    seq_length: int = Field(512, gt=0, description="max sequence length of the deployed model (llm_convert.py -s)")
+
+
+class RunConfig(Section):
+    base: BaseSection = Field(default_factory=BaseSection)
+    model: ModelSection
+    calib: CalibSection = Field(default_factory=CalibSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+    quant: QuantSection
+    save: SaveSection
+    run: RunSection = Field(default_factory=RunSection)

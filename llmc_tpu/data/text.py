@@ -1,0 +1,76 @@
+"""Read evaluation / calibration text from a local folder or file.
+
+Open sets are read from a folder written by ``datasets``' ``save_to_disk`` (what
+``tools/download_*_dataset.py`` produce and llmc-tpu shipped); user data is a ``.txt``
+file (one sample a line) or a folder of them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+OPEN_SETS = ("wikitext2", "c4", "ptb", "pileval")
+CUSTOM = ("custom_txt", "custom_ppl")
+
+
+class DataError(RuntimeError):
+    """Data that cannot be used; the message names the file and what to do."""
+
+
+def read_lines(path: Path) -> list[str]:
+    """Non-empty lines of a .txt file or of every .txt in a folder (sorted by name)."""
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: no .txt files in this folder")
+    lines: list[str] = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise DataError(f"{f}: no such file") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{f}: not UTF-8 text (byte {exc.start})") from None
+        lines += [ln for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise DataError(f"{path}: no text (empty file)")
+    return lines
+
+
+def _load_saved_dataset(path: Path):
+    from datasets import load_from_disk
+
+    try:
+        return load_from_disk(str(path))
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: not a dataset folder saved by `datasets` (no dataset_info.json / dataset_dict.json); "
+            "create it with tools/download_eval_dataset.py or point to a .txt file with name: custom_ppl"
+        ) from None
+
+
+def _split(ds, preferred: tuple[str, ...]):
+    if hasattr(ds, "keys"):
+        for name in preferred:
+            if name in ds:
+                return ds[name]
+        return ds[next(iter(ds.keys()))]
+    return ds
+
+
+def eval_text(name: str, path: str | None) -> str:
+    """The evaluation text of a named set, joined as the GPTQ protocol does."""
+    if path is None:
+        raise DataError(f"eval.path is not set for eval set {name!r}; give a local folder or file (no download here)")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise DataError(f"eval.path {path!r}: no such file or folder")
+    if name in CUSTOM or p.is_file() or (p.is_dir() and any(p.glob("*.txt"))):
+        return "\n".join(read_lines(p))
+    ds = _load_saved_dataset(p)
+    if name == "wikitext2":
+        return "\n\n".join(_split(ds, ("test",))["text"])
+    if name == "c4":
+        return " ".join(_split(ds, ("validation",))[:1100]["text"])
+    if name == "ptb":
+        return " ".join(_split(ds, ("test",))["sentence"])
+    raise DataError(f"eval.name {name!r}: allowed: wikitext2, c4, ptb, custom_ppl")

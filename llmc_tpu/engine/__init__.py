@@ -1,0 +1,1 @@
+"""Running a model one decoder block at a time."""

@@ -1,0 +1,96 @@
+"""Capture the first block's inputs, then run decoder blocks one at a time on a device.
+
+Only one block lives on the device at a time, so a model larger than the device
+memory can be calibrated and evaluated. Captured inputs are the hidden states plus
+every keyword argument the model passes to its blocks (attention mask, position ids,
+position embeddings, ...), exactly as the model built them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from llmc_tpu.models.registry import ModelSpec
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class BlockInput:
+    """The inputs of one batch to a decoder block."""
+
+    hidden: torch.Tensor
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def move(obj: Any, device: torch.device | str) -> Any:
+    """Move tensors inside nested tuples/lists/dicts to a device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: move(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(move(v, device) for v in obj)
+    return obj
+
+
+def blocks_of(model: nn.Module, spec: ModelSpec) -> nn.ModuleList:
+    return model.get_submodule(spec.blocks)
+
+
+class _Catcher(nn.Module):
+    def __init__(self, block: nn.Module, sink: list[BlockInput]):
+        super().__init__()
+        self.block = block
+        self.sink = sink
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:  # some families pass the mask positionally
+            kwargs = {**kwargs, "_positional": args}
+        kwargs.pop("past_key_values", None)
+        kwargs.pop("past_key_value", None)
+        kwargs["use_cache"] = False
+        self.sink.append(BlockInput(hidden_states.detach(), {k: _detach(v) for k, v in kwargs.items()}))
+        raise _StopForward
+
+
+def _detach(v: Any) -> Any:
+    return v.detach() if isinstance(v, torch.Tensor) else v
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, spec: ModelSpec, batches: Iterable[torch.Tensor],
+                         store_device: torch.device | str = "cpu") -> list[BlockInput]:
+    """Run the model up to its first block for each batch of token ids and keep the block inputs."""
+    blocks = blocks_of(model, spec)
+    first = blocks[0]
+    captured: list[BlockInput] = []
+    blocks[0] = _Catcher(first, captured)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        blocks[0] = first
+    return [move(c, store_device) for c in captured]
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: list[BlockInput], device: torch.device | str) -> list[BlockInput]:
+    """Outputs of one block for every batch, as inputs for the next block (same kwargs)."""
+    outputs = []
+    for inp in inputs:
+        kwargs = move(inp.kwargs, device)
+        args = kwargs.pop("_positional", ())
+        out = block(inp.hidden.to(device), *args, **kwargs)
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        outputs.append(BlockInput(hidden.to(inp.hidden.device), inp.kwargs))
+    return outputs

@@ -1,0 +1,1 @@
+"""Evaluation: token perplexity with the GPTQ protocol."""

@@ -1,0 +1,1 @@
+"""Writing results: the output folder, Hugging Face folders for TPU-MLIR."""

@@ -1,0 +1,53 @@
+"""An output folder that appears complete or not at all.
+
+Everything is written to a hidden sibling temp folder; ``commit`` renames it into
+place. An existing folder is refused unless ``overwrite`` is asked for, and even
+then it is only replaced once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+class OutputDir:
+    def __init__(self, final: str | Path, overwrite: bool = False) -> None:
+        self.final = Path(final).expanduser().resolve()
+        self.overwrite = overwrite
+        if self.final.exists() and not overwrite:
+            raise OutputExistsError(
+                f"save.save_path {str(self.final)!r} already exists; choose another path or pass --overwrite to replace it"
+            )
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(self.final.parent, os.W_OK):
+            raise PermissionError(f"save.save_path: cannot write in {self.final.parent}")
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        self.tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
+
+    def path(self, *parts: str) -> Path:
+        return self.tmp.joinpath(*parts)
+
+    def commit(self) -> Path:
+        """Move the finished folder into place (replacing an old one only now, when asked to)."""
+        old = None
+        if self.final.exists():
+            if not self.overwrite:
+                raise OutputExistsError(f"{self.final} appeared while the run was going on; the result is kept in {self.tmp}")
+            old = self.final.with_name(f".{self.final.name}.old-{os.getpid()}")
+            os.replace(self.final, old)
+        os.replace(self.tmp, self.final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -1,0 +1,56 @@
+"""Apply the TPU's quantization to a model's Linears: the canonical per-Linear result and fake-quant weights."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from llmc_tpu.models.registry import ModelSpec
+from llmc_tpu.tpu.rtn import HANDOFF_DTYPE, TpuQuantizedWeight, TpuWeightFormat, quantize_weight
+
+QuantResults = dict[str, TpuQuantizedWeight]
+
+
+def handoff_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight exactly as TPU-MLIR will read it from the saved model (bf16), as float32."""
+    return linear.weight.detach().to(HANDOFF_DTYPE).float()
+
+
+def quantize_block(block: nn.Module, spec: ModelSpec, fmt: TpuWeightFormat, prefix: str) -> QuantResults:
+    """TPU RTN of every quantized Linear of one block, keyed by the full module name."""
+    results = {}
+    for name in spec.linear_names:
+        linear = block.get_submodule(name)
+        results[f"{prefix}.{name}"] = quantize_weight(handoff_weight(linear), fmt)
+    return results
+
+
+def fake_quant_weight(result: TpuQuantizedWeight, like: torch.Tensor) -> torch.Tensor:
+    return result.dequantize().to(device=like.device, dtype=like.dtype)
+
+
+def apply_fake_quant(model: nn.Module, results: QuantResults) -> None:
+    """Replace each quantized Linear's weight by what the TPU multiplies with."""
+    for name, result in results.items():
+        linear = model.get_submodule(name)
+        linear.weight.data = fake_quant_weight(result, linear.weight.data)
+
+
+@contextmanager
+def fake_quantized(block: nn.Module, results: QuantResults, prefix: str) -> Iterator[None]:
+    """Temporarily fake-quantize one block (for ``quant_out``), restoring its float weights after."""
+    saved = {}
+    try:
+        for name, result in results.items():
+            if not name.startswith(prefix + "."):
+                continue
+            linear = block.get_submodule(name[len(prefix) + 1:])
+            saved[name] = linear.weight.data
+            linear.weight.data = fake_quant_weight(result, saved[name])
+        yield
+    finally:
+        for name, weight in saved.items():
+            block.get_submodule(name[len(prefix) + 1:]).weight.data = weight

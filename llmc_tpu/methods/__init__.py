@@ -1,0 +1,8 @@
+"""Quantization algorithms. Each transforms a block's float weights; the TPU's RTN then quantizes them."""
+
+from llmc_tpu.methods.base import Method
+from llmc_tpu.methods.rtn import RtnMethod
+
+METHODS: dict[str, type[Method]] = {"RTN": RtnMethod}
+
+__all__ = ["METHODS", "Method"]

@@ -1,0 +1,39 @@
+"""What a quantization method is to the pipeline."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmc_tpu.engine.blockwise import BlockInput
+from llmc_tpu.models.registry import ModelSpec
+from llmc_tpu.tpu.rtn import TpuWeightFormat
+
+
+@dataclass
+class BlockContext:
+    """Everything a method sees of one block."""
+
+    index: int
+    block: nn.Module  # already on ``device``
+    spec: ModelSpec
+    fmt: TpuWeightFormat
+    device: torch.device
+    inputs: list[BlockInput] | None  # None when the method needs no calibration data
+    report: dict[str, Any] = field(default_factory=dict)  # per-block notes for the run report
+
+
+class Method:
+    """Base class: transform the float weights of one block in place (or not at all)."""
+
+    name = "base"
+    needs_calibration = False
+
+    def __init__(self, special: dict[str, Any]) -> None:
+        self.special = special
+
+    def process_block(self, ctx: BlockContext) -> None:
+        raise NotImplementedError

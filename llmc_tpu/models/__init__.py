@@ -1,0 +1,1 @@
+"""Model families described as data, and loading them from disk."""

@@ -1,0 +1,106 @@
+"""Load a causal LM and its tokenizer on the CPU, from safetensors only."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmc_tpu.models.registry import ModelSpec, find_spec, supported_names
+
+log = logging.getLogger(__name__)
+
+
+class ModelLoadError(RuntimeError):
+    """The model folder or hub id cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    path: Path  # local folder (hub ids resolved through the HF cache)
+    model_type: str
+
+
+def resolve_model_path(path_or_id: str) -> Path:
+    """A local folder as is; otherwise a hub id resolved through the usual HF cache."""
+    local = Path(path_or_id).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise ModelLoadError(f"model.path {path_or_id!r} is a file; give the model folder (with config.json)")
+    looks_like_id = path_or_id.count("/") == 1 and not path_or_id.startswith((".", "/", "~"))
+    if not looks_like_id:
+        raise ModelLoadError(f"model.path {path_or_id!r}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(path_or_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.py"]))
+    except Exception as exc:  # offline, unknown repo, gated model: one clear line
+        raise ModelLoadError(
+            f"model.path {path_or_id!r} is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); download it first or give a local folder"
+        ) from None
+
+
+def read_model_type(folder: Path) -> str:
+    cfg_file = folder / "config.json"
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{folder}: no config.json (is this a Hugging Face model folder?)") from None
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{cfg_file}: not valid JSON ({exc})") from None
+    model_type = cfg.get("model_type")
+    if not model_type:
+        raise ModelLoadError(f"{cfg_file}: has no model_type")
+    return model_type
+
+
+def resolve_spec(folder: Path, declared_type: str | None) -> tuple[ModelSpec, str]:
+    """The registry entry for a model folder; checks model.type against config.json."""
+    model_type = read_model_type(folder)
+    spec = find_spec(model_type)
+    if spec is None:
+        raise ModelLoadError(
+            f"model_type {model_type!r} (config.json) is not supported; supported: {', '.join(supported_names())}"
+        )
+    if declared_type is not None:
+        declared = find_spec(declared_type)
+        if declared is None:
+            raise ModelLoadError(f"model.type {declared_type!r} is unknown; supported: {', '.join(supported_names())} (or leave it out)")
+        if declared.model_type != spec.model_type:
+            raise ModelLoadError(
+                f"model.type {declared_type!r} does not match config.json's model_type {model_type!r}; fix it or leave it out"
+            )
+    return spec, model_type
+
+
+def load_model(path_or_id: str, declared_type: str | None = None, torch_dtype: str = "auto",
+               tokenizer_mode: str = "fast", trust_remote_code: bool = False) -> LoadedModel:
+    """Load on the CPU from safetensors (never unpickled weights)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = resolve_model_path(path_or_id)
+    spec, model_type = resolve_spec(folder, declared_type)
+    if not any(folder.glob("*.safetensors")):
+        raise ModelLoadError(f"{folder}: no *.safetensors weights (pickled .bin weights are not loaded, for safety)")
+    dtype = "auto" if torch_dtype == "auto" else getattr(torch, torch_dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, device_map=None
+    )
+    model.eval()
+    model.config.use_cache = False
+    tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=tokenizer_mode == "fast", trust_remote_code=trust_remote_code)
+    log.info("loaded %s (%s, %s) from %s", spec.display_name, model_type, next(model.parameters()).dtype, folder)
+    return LoadedModel(model, tokenizer, spec, folder, model_type)
+
+
+def get_module(root: nn.Module, dotted: str) -> nn.Module:
+    return root.get_submodule(dotted)

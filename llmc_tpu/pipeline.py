@@ -1,0 +1,233 @@
+"""The quantize stage: load -> evaluate -> transform and quantize block by block -> evaluate -> save."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from llmc_tpu.config.load import tpu_format
+from llmc_tpu.config.schema import RunConfig
+from llmc_tpu.data.text import eval_text
+from llmc_tpu.engine.blockwise import BlockInput, blocks_of, capture_block_inputs, run_block
+from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
+from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
+from llmc_tpu.export.hf_folder import save_hf_folder
+from llmc_tpu.export.output_dir import OutputDir
+from llmc_tpu.fake_quant import QuantResults, apply_fake_quant, fake_quantized, quantize_block
+from llmc_tpu.methods import METHODS
+from llmc_tpu.methods.base import BlockContext, Method
+from llmc_tpu.models.loading import LoadedModel, load_model
+from llmc_tpu.models.registry import ModelSpec
+from llmc_tpu.report import RunReport, llm_convert_command
+from llmc_tpu.tpu.rtn import TpuWeightFormat
+
+log = logging.getLogger("llmc_tpu")
+
+
+class PipelineError(RuntimeError):
+    """A run that cannot go on; the message says why and what to change."""
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise PipelineError(f"run.device {name!r}: allowed: auto, cpu, cuda, cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PipelineError(f"run.device {name!r}: no CUDA device here; use auto or cpu")
+    return device
+
+
+def check_shapes(model: torch.nn.Module, spec: ModelSpec, fmt: TpuWeightFormat) -> None:
+    """Every quantized Linear's in_features must be a multiple of the group size (TPU-MLIR asserts it)."""
+    if fmt.per_channel:
+        return
+    bad = []
+    for i, block in enumerate(blocks_of(model, spec)):
+        for name in spec.linear_names:
+            k = block.get_submodule(name).in_features
+            if k % fmt.group_size:
+                bad.append(f"{spec.blocks}.{i}.{name} (in_features {k})")
+    if bad:
+        raise PipelineError(f"quant.weight.group_size {fmt.group_size} does not divide the input size of "
+                            f"{len(bad)} Linear(s), e.g. {bad[0]}; TPU-MLIR needs K % group_size == 0")
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+
+class Quantizer:
+    """Runs one config end to end. ``run()`` returns the report; outputs land in save.save_path."""
+
+    def __init__(self, cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.fmt = tpu_format(cfg)
+        self.overwrite = overwrite
+        self.progress = progress
+        self.timer = _Timer()
+        self.report = RunReport(config=cfg.model_dump())
+
+    def _bar(self, iterable, **kwargs):
+        return tqdm(iterable, disable=not self.progress, leave=False, **kwargs)
+
+    # -- stages -------------------------------------------------------------------------------
+    def run(self) -> RunReport:
+        cfg = self.cfg
+        out = OutputDir(cfg.save.save_path, self.overwrite)  # refuse an existing folder before any work
+        try:
+            with self.timer("load"):
+                loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype,
+                                    cfg.model.tokenizer_mode, cfg.model.trust_remote_code)
+            check_shapes(loaded.model, loaded.spec, self.fmt)
+            self.device = pick_device(cfg.run.device)
+            self._describe(loaded)
+            eval_windows = self._eval_windows(loaded)
+            preds: dict[str, dict[str, PplResult]] = {}
+            self._evaluate("pretrain", loaded, eval_windows, preds)
+            with self.timer("quantize"):
+                results = self.quantize(loaded)
+            self._evaluate("transformed", loaded, eval_windows, preds)
+            if cfg.save.save_trans:
+                with self.timer("save"):
+                    save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("transformed_model"))
+                self.report.outputs["transformed_model"] = str(out.final / "transformed_model")
+            apply_fake_quant(loaded.model, results)
+            self._evaluate("fake_quant", loaded, eval_windows, preds)
+            if cfg.save.save_fake:
+                with self.timer("save"):
+                    save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("fake_quant_model"))
+                self.report.outputs["fake_quant_model"] = str(out.final / "fake_quant_model")
+            if cfg.eval.eval_token_consist and "pretrain" in preds and "fake_quant" in preds:
+                for name in preds["fake_quant"]:
+                    self.report.token_consistency[name] = token_consistency(preds["pretrain"][name], preds["fake_quant"][name])
+            self._summarize_quant(results)
+            self._next_steps(out.final)
+            self.report.timings_s = {k: round(v, 3) for k, v in self.timer.times.items()}
+            self.report.outputs["report"] = str(out.final / "report.md")
+            self.report.write(out.tmp)
+            out.commit()
+        except BaseException:
+            out.discard()
+            raise
+        return self.report
+
+    def quantize(self, loaded: LoadedModel) -> QuantResults:
+        """Transform (method) and quantize (TPU RTN) each block in turn, one block on the device at a time."""
+        method: Method = METHODS[self.cfg.quant.method](self.cfg.quant.special)
+        model, spec = loaded.model, loaded.spec
+        inputs = self._calibration_inputs(loaded) if method.needs_calibration else None
+        results: QuantResults = {}
+        blocks = blocks_of(model, spec)
+        per_block = []
+        for i, block in enumerate(self._bar(blocks, desc=f"{method.name} blocks", unit="block")):
+            prefix = f"{spec.blocks}.{i}"
+            block.to(self.device)
+            ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs)
+            method.process_block(ctx)
+            block_results = quantize_block(block, spec, self.fmt, prefix)
+            results.update(block_results)
+            if inputs is not None and i + 1 < len(blocks):
+                if self.cfg.quant.quant_out:
+                    with fake_quantized(block, block_results, prefix):
+                        inputs = run_block(block, inputs, self.device)
+                else:
+                    inputs = run_block(block, inputs, self.device)
+            block.to("cpu")
+            if ctx.report:
+                per_block.append({"block": i, **ctx.report})
+        self.report.method = {"name": method.name, "special": self.cfg.quant.special, "blocks": per_block,
+                              "calibration": "none (RTN needs no data)" if inputs is None else "see data.calib"}
+        return results
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _calibration_inputs(self, loaded: LoadedModel) -> list[BlockInput]:
+        from llmc_tpu.data.calib import calibration_batches
+
+        with self.timer("calibration data"):
+            batches, info = calibration_batches(self.cfg.calib, loaded.tokenizer)
+            self.report.data["calib"] = info
+            return capture_block_inputs(loaded.model, loaded.spec, batches, store_device=self.device)
+
+    def _eval_windows(self, loaded: LoadedModel) -> dict[str, torch.Tensor]:
+        ev = self.cfg.eval
+        if not ev.eval_pos:
+            return {}
+        names = [ev.name] if isinstance(ev.name, str) else list(ev.name)
+        paths = ev.path if isinstance(ev.path, list) else [ev.path] * len(names)
+        if len(paths) != len(names):
+            raise PipelineError(f"eval.path has {len(paths)} entries for {len(names)} eval.name entries")
+        out = {}
+        with self.timer("eval data"):
+            for name, path in zip(names, paths):
+                text = eval_text(name, path)
+                tokens = loaded.tokenizer(text, return_tensors="pt").input_ids[0]
+                key = name if name not in ("custom_ppl", "custom_txt") else Path(path).stem
+                out[key] = windows(tokens, ev.seq_len, max_windows=256 if name == "c4" else None)
+                self.report.data.setdefault("eval", {})[key] = {
+                    "name": name, "path": path, "tokens": int(tokens.numel()),
+                    "windows": int(out[key].shape[0]), "seq_len": ev.seq_len}
+        return out
+
+    def _evaluate(self, pos: str, loaded: LoadedModel, eval_windows: dict[str, torch.Tensor],
+                  preds: dict[str, dict[str, PplResult]]) -> None:
+        if pos not in self.cfg.eval.eval_pos:
+            return
+        keep = self.cfg.eval.eval_token_consist and pos in ("pretrain", "fake_quant")
+        with self.timer(f"eval {pos}"):
+            for name, win in eval_windows.items():
+                if self.cfg.eval.inference_per_block:
+                    batches = blockwise_logits(loaded.model, loaded.spec, win, self.cfg.eval.bs, self.device, self._bar)
+                else:
+                    batches = whole_model_logits(loaded.model, win, self.cfg.eval.bs, self.device, self._bar)
+                result = perplexity(batches, keep_predictions=keep)
+                self.report.ppl.setdefault(pos, {})[name] = result.ppl
+                preds.setdefault(pos, {})[name] = result
+                log.info("%s ppl on %s: %.4f", pos, name, result.ppl)
+
+    def _describe(self, loaded: LoadedModel) -> None:
+        n_params = sum(p.numel() for p in loaded.model.parameters())
+        self.report.model = {"path": str(loaded.path), "model_type": loaded.model_type,
+                             "family": loaded.spec.display_name, "parameters": n_params,
+                             "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+                             "llm_convert_supported": loaded.spec.llm_convert, "device": str(self.device)}
+        fmt = self.fmt
+        self.report.tpu_format = {**asdict(fmt), "name": fmt.llm_convert_quantize.upper(),
+                                  "granularity": "per_channel" if fmt.per_channel else f"per_group g{fmt.group_size}"}
+
+    def _summarize_quant(self, results: QuantResults) -> None:
+        float_rows = sum(r.float_rows.shape[0] for r in results.values())
+        partly = sorted(n for n, r in results.items() if r.float_rows.shape[0])
+        self.report.quantized = {
+            "n_linears": len(results), "format": self.report.tpu_format["name"] + " " + self.report.tpu_format["granularity"],
+            "float_rows": float_rows, "linears_with_float_rows": partly,
+        }
+
+    def _next_steps(self, final: Path) -> None:
+        steps = []
+        if self.cfg.save.save_trans:
+            model_dir = final / "transformed_model"
+            if self.report.model.get("llm_convert_supported"):
+                steps.append(llm_convert_command(model_dir, self.fmt, self.cfg.run.seq_length, final / "bmodel"))
+            else:
+                steps.append(f"# TPU-MLIR's llm_convert.py does not support model_type "
+                             f"{self.report.model['model_type']!r}; use the ONNX path")
+            steps.append(f"llmc-tpu verify {final}")
+        self.report.next_steps = steps

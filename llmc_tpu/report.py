@@ -1,0 +1,94 @@
+"""The run report: report.json (machine-readable) and report.md (for people), plus the console summary."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmc_tpu.tpu.rtn import TpuWeightFormat
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import llmc_tpu
+
+    return {"llmc_tpu": llmc_tpu.__version__, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def llm_convert_command(model_dir: Path, fmt: TpuWeightFormat, seq_length: int, out_dir: Path) -> str:
+    """The TPU-MLIR command that compiles the transformed model into a bmodel."""
+    args = ["llm_convert.py", "-m", str(model_dir), "-s", str(seq_length), "-q", fmt.llm_convert_quantize,
+            "-g", str(fmt.group_size), "-c", fmt.chip, "-o", str(out_dir)]
+    if fmt.symmetric:
+        args.append("--symmetric")
+    return shlex.join(args)
+
+
+@dataclass
+class RunReport:
+    config: dict[str, Any]
+    model: dict[str, Any] = field(default_factory=dict)
+    tpu_format: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    ppl: dict[str, dict[str, float]] = field(default_factory=dict)
+    token_consistency: dict[str, float] = field(default_factory=dict)
+    quantized: dict[str, Any] = field(default_factory=dict)
+    method: dict[str, Any] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    outputs: dict[str, str] = field(default_factory=dict)
+    next_steps: list[str] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=versions)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def ppl_table(self) -> str:
+        datasets = sorted({d for row in self.ppl.values() for d in row})
+        if not datasets:
+            return "(no evaluation)"
+        head = f"| {'eval_pos':<12} | " + " | ".join(f"{d:>12}" for d in datasets) + " |"
+        sep = "|" + "-" * 14 + "|" + "|".join("-" * 14 for _ in datasets) + "|"
+        rows = [f"| {pos:<12} | " + " | ".join(f"{self.ppl[pos].get(d, float('nan')):>12.4f}" for d in datasets) + " |"
+                for pos in self.ppl]
+        return "\n".join([head, sep, *rows])
+
+    def summary(self) -> str:
+        lines = ["", "Perplexity (token level, lower is better)", self.ppl_table()]
+        for name, value in self.token_consistency.items():
+            lines.append(f"token consistency fake_quant vs pretrain on {name}: {value:.4f}")
+        q = self.quantized
+        if q:
+            lines.append(f"\nquantized Linears: {q.get('n_linears', 0)} ({q.get('format', '')}); "
+                         f"rows left in float by the chip's NPU rule: {q.get('float_rows', 0)}")
+        lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings_s.items()))
+        if self.outputs:
+            lines.append("outputs:")
+            lines += [f"  {k}: {v}" for k, v in self.outputs.items()]
+        if self.next_steps:
+            lines.append("next:")
+            lines += [f"  {s}" for s in self.next_steps]
+        return "\n".join(lines)
+
+    def write(self, folder: Path) -> None:
+        (folder / "report.json").write_text(json.dumps(self.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
+        (folder / "report.md").write_text(self.markdown(), encoding="utf-8")
+
+    def markdown(self) -> str:
+        cfg = json.dumps(self.config, indent=2)
+        return "\n".join([
+            f"# llmc_tpu run: {self.config['run']['task_name']}", "",
+            f"Model: `{self.model.get('path')}` ({self.model.get('model_type')}); method "
+            f"{self.config['quant']['method']}; TPU format {self.tpu_format.get('name')} on {self.tpu_format.get('chip')}.", "",
+            "## Perplexity", "", self.ppl_table(), "",
+            "## Next steps", "", *[f"    {s}" for s in self.next_steps], "",
+            "## Timings (s)", "", *[f"- {k}: {v:.2f}" for k, v in self.timings_s.items()], "",
+            "## Resolved config (every default filled)", "", "```json", cfg, "```", "",
+            "## Versions", "", *[f"- {k}: {v}" for k, v in self.versions.items()], "",
+        ])
