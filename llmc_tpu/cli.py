@@ -26,6 +26,10 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "datasets", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    if quiet:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:

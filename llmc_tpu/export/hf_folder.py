@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,16 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
     return copied
 
 
+def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
+    """Record the saved dtype (TPU-MLIR rejects a float32 config even when the weights are bf16)."""
+    cfg = json.loads(config_file.read_text(encoding="utf-8"))
+    name = str(dtype).replace("torch.", "")
+    cfg["dtype"] = name
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = name
+    config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def save_hf_folder(model: nn.Module, tokenizer, source: Path, dest: Path, dtype: torch.dtype = torch.bfloat16,
                    weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (or ``weights`` in its place) in ``dtype`` with the config and side files of ``source``."""
@@ -31,12 +42,8 @@ def save_hf_folder(model: nn.Module, tokenizer, source: Path, dest: Path, dtype:
     copy_side_files(source, dest)
     state = weights if weights is not None else model.state_dict()
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
-    old_dtype = model.config.dtype
-    model.config.dtype = dtype
-    try:
-        model.save_pretrained(dest, state_dict=state, safe_serialization=True)
-    finally:
-        model.config.dtype = old_dtype
+    model.save_pretrained(dest, state_dict=state, safe_serialization=True)
+    _set_config_dtype(dest / "config.json", dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)
     return dest

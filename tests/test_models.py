@@ -1,0 +1,66 @@
+"""The model registry and loading: names resolve in real transformers models."""
+
+import json
+
+import pytest
+import torch
+
+from llmc_tpu.models.loading import ModelLoadError, load_model, resolve_spec
+from llmc_tpu.models.registry import REGISTRY, find_spec
+from tiny_models import make_tiny_model
+
+
+@pytest.mark.parametrize("name,model_type", [("Llama", "llama"), ("LLAMA", "llama"), ("qwen2", "qwen2"), ("Qwen2.5", "qwen2"),
+                                             ("Qwen3", "qwen3"), ("mistral", "mistral"), ("Mistral", "mistral")])
+def test_anchor_names_and_model_types(name, model_type):
+    assert find_spec(name).model_type == model_type
+
+
+def test_unknown_name():
+    assert find_spec("gpt2") is None
+
+
+@pytest.mark.parametrize("family", sorted(REGISTRY))
+def test_every_spec_names_real_modules(family, tmp_path):
+    folder = make_tiny_model(tmp_path, family, layers=1)
+    loaded = load_model(str(folder), torch_dtype="float32")
+    spec, model = loaded.spec, loaded.model
+    assert spec.model_type == family
+    blocks = model.get_submodule(spec.blocks)
+    for subset in spec.subsets:
+        for name in subset.layers:
+            assert isinstance(blocks[0].get_submodule(name), torch.nn.Linear)
+        if subset.prev_op:
+            blocks[0].get_submodule(subset.prev_op)
+        blocks[0].get_submodule(subset.inspect)
+    for name in (*spec.embeddings, spec.final_norm, spec.lm_head):
+        model.get_submodule(name)
+
+
+def test_declared_type_must_match_config(tiny_llama):
+    assert resolve_spec(tiny_llama, "Llama")[0].model_type == "llama"
+    with pytest.raises(ModelLoadError, match="does not match config.json's model_type 'llama'"):
+        resolve_spec(tiny_llama, "Qwen2")
+    with pytest.raises(ModelLoadError, match="model.type 'Gpt5' is unknown"):
+        resolve_spec(tiny_llama, "Gpt5")
+
+
+def test_bad_folders(tmp_path, tiny_llama):
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        load_model(str(tmp_path / "nope"))
+    (tmp_path / "cfg").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path / "cfg"))
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ModelLoadError, match="'gpt2' .* not supported"):
+        load_model(str(tmp_path / "cfg"))
+    (tmp_path / "cfg" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "cfg" / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ModelLoadError, match="pickled .bin weights are not loaded"):
+        load_model(str(tmp_path / "cfg"))
+
+
+def test_hub_id_offline_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not a local folder and could not be fetched"):
+        load_model("someone/not-a-local-model")

@@ -1,0 +1,141 @@
+"""The quantize stage end to end on tiny models: outputs, report, safety of the save path."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from llmc_tpu.config import parse_config
+from llmc_tpu.export.output_dir import OutputExistsError
+from llmc_tpu.pipeline import PipelineError, Quantizer
+from llmc_tpu.tpu.rtn import TpuWeightFormat, quantize_weight
+from tiny_models import make_tiny_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def config(model: Path, eval_txt: Path, save: Path, **quant) -> dict:
+    return {
+        "model": {"path": str(model), "torch_dtype": "float32"},
+        "eval": {"name": "custom_ppl", "path": str(eval_txt), "seq_len": 32, "bs": 4, "eval_token_consist": True},
+        "quant": {"method": "RTN", **quant},
+        "save": {"save_path": str(save), "save_fake": True},
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_rtn_end_to_end(family, tmp_path, eval_txt):
+    model = make_tiny_model(tmp_path / "m", family, tie=family == "qwen2")
+    save = tmp_path / "out"
+    report = Quantizer(parse_config(config(model, eval_txt, save)), progress=False).run()
+    assert sorted(p.name for p in save.iterdir()) == ["fake_quant_model", "report.json", "report.md", "transformed_model"]
+    data = json.loads((save / "report.json").read_text())
+    assert set(data["ppl"]) == {"pretrain", "transformed", "fake_quant"}
+    assert all(isinstance(v, float) for row in data["ppl"].values() for v in row.values())
+    assert data["ppl"]["pretrain"]["eval"] == pytest.approx(data["ppl"]["transformed"]["eval"])  # RTN transforms nothing
+    assert data["ppl"]["fake_quant"]["eval"] != data["ppl"]["pretrain"]["eval"]
+    assert 0 < data["token_consistency"]["eval"] <= 1
+    assert data["config"]["run"]["chip"] == "bm1684x" and data["config"]["quant"]["weight"]["group_size"] == 64
+    assert "llm_convert.py -m" in data["next_steps"][0] and "-q w4bf16 -g 64 -c bm1684x" in data["next_steps"][0]
+    assert report.ppl == data["ppl"]
+    # the handed-over model is bf16 and complete
+    trans = save / "transformed_model"
+    assert json.loads((trans / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (trans / "tokenizer.json").exists() and (trans / "generation_config.json").exists()
+    # the fake-quant model holds exactly (q - z) * bf16(s) of the handed-over weights
+    tw, fw = load_file(trans / "model.safetensors"), load_file(save / "fake_quant_model" / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    expected = quantize_weight(tw[name].float(), TpuWeightFormat()).dequantize()
+    assert torch.equal(fw[name].float(), expected.to(torch.bfloat16).float())
+    assert torch.equal(tw["model.embed_tokens.weight"], fw["model.embed_tokens.weight"])  # embeddings stay float
+
+
+def test_fake_quant_eval_uses_tpu_weights(tmp_path, tiny_llama, eval_txt):
+    """Re-evaluating the saved fake-quant model (fp32) gives the reported fake_quant perplexity."""
+    from llmc_tpu.engine.forward import whole_model_logits
+    from llmc_tpu.eval.ppl import perplexity, windows
+    from llmc_tpu.models.loading import load_model
+
+    save = tmp_path / "out"
+    report = Quantizer(parse_config(config(tiny_llama, eval_txt, save)), progress=False).run()
+    # fp32 evaluation of the bf16-saved fake weights; the run evaluated the exact fp32 products
+    loaded = load_model(str(save / "fake_quant_model"), torch_dtype="float32")
+    ids = loaded.tokenizer(eval_txt.read_text(), return_tensors="pt").input_ids[0]
+    ppl = perplexity(whole_model_logits(loaded.model, windows(ids, 32), 4, torch.device("cpu"))).ppl
+    assert ppl == pytest.approx(report.ppl["fake_quant"]["eval"], rel=2e-3)
+
+
+def test_existing_save_path_is_refused_and_overwrite_replaces(tmp_path, tiny_llama, eval_txt):
+    save = tmp_path / "out"
+    save.mkdir()
+    (save / "mine.txt").write_text("user data")
+    cfg = parse_config(config(tiny_llama, eval_txt, save))
+    with pytest.raises(OutputExistsError, match="already exists.*--overwrite"):
+        Quantizer(cfg, progress=False).run()
+    assert (save / "mine.txt").read_text() == "user data"
+    Quantizer(cfg, overwrite=True, progress=False).run()
+    assert not (save / "mine.txt").exists() and (save / "report.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp folders left
+
+
+def test_failed_run_leaves_nothing(tmp_path, tiny_llama, eval_txt):
+    save = tmp_path / "out"
+    cfg = parse_config(config(tiny_llama, eval_txt, save, weight={"group_size": 96}))
+    with pytest.raises(PipelineError, match="group_size 96 does not divide"):
+        Quantizer(cfg, progress=False).run()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bm1688_keeps_fewer_rows_in_float(tmp_path, eval_txt):
+    """k/v projections with 32 outputs: bf16 on bm1684x (64 NPUs), W4 on bm1688 (32 NPUs)."""
+    model = make_tiny_model(tmp_path / "m", "llama", hidden=128, heads=4, kv_heads=1)  # head_dim 32 -> k/v out 32
+    reports = {}
+    for chip in ("bm1684x", "bm1688"):
+        cfg = config(model, eval_txt, tmp_path / chip)
+        cfg["run"] = {"chip": chip}
+        reports[chip] = Quantizer(parse_config(cfg), progress=False).run().quantized
+    assert sorted(reports["bm1684x"]["linears_with_float_rows"]) == sorted(
+        f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv")
+    assert reports["bm1684x"]["float_rows"] == 2 * 2 * 32
+    assert reports["bm1688"]["float_rows"] == 0
+
+
+def test_block_streaming_eval_matches(tmp_path, tiny_llama, eval_txt):
+    a = Quantizer(parse_config(config(tiny_llama, eval_txt, tmp_path / "a")), progress=False).run()
+    cfg = config(tiny_llama, eval_txt, tmp_path / "b")
+    cfg["eval"]["inference_per_block"] = True
+    b = Quantizer(parse_config(cfg), progress=False).run()
+    for pos in a.ppl:
+        assert b.ppl[pos]["eval"] == pytest.approx(a.ppl[pos]["eval"], rel=1e-5)
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_entry_script_and_exit_codes(tmp_path, tiny_llama, eval_txt):
+    cfg = config(tiny_llama, eval_txt, tmp_path / "out")
+    cfg_file = tmp_path / "c.yml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    ok = run_cli("tpu/llm_quant.py", "--config_path", str(cfg_file), "--llmc_tpu_path", ".", "-q")
+    assert ok.returncode == 0, ok.stderr
+    assert "fake_quant" in ok.stdout and "llm_convert.py" in ok.stdout
+    assert "--llmc_tpu_path is no longer needed" in ok.stderr
+    again = run_cli("tpu/llm_quant.py", "--config", str(cfg_file))
+    assert again.returncode == 1 and "already exists" in again.stderr and "Traceback" not in again.stderr
+    cfg["quant"]["weight"] = {"bit": 5}
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    bad = run_cli("-m", "llmc_tpu", "quantize", "--config", str(cfg_file))
+    assert bad.returncode == 2 and "quant.weight.bit = 5" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_help_teaches():
+    out = run_cli("-m", "llmc_tpu", "--help")
+    assert out.returncode == 0 and "example" in out.stdout and "exit codes" in out.stdout
+    out = run_cli("tpu/llm_quant.py", "--help")
+    assert out.returncode == 0 and "--config" in out.stdout
