@@ -13,6 +13,11 @@ Grids:
   weight of the matrix is positive), ``z = 0``
 
 ``q = clamp(round(w / s) + z, lo, hi)`` in every case.
+
+Which rows keep integer codes (``chips.quantized_out_features``): per group, the first
+``N - N % NPU_NUM`` (the rest stay float, unchanged); per channel, all or none. A Linear
+left with no integer rows is quantized all the same and folded back into a float weight
+``storage((q - z) * stored_scale)`` (``TpuQuantizedWeight.folded``).
 """
 
 from __future__ import annotations
@@ -73,6 +78,10 @@ class TpuQuantizedWeight:
 
     ``codes``/``scale``/``zero`` cover the first ``n_quantized`` output rows; the
     remaining rows (``float_rows``) stay in float, as the compiler leaves them.
+    ``folded``: the compiler keeps no integer codes for this Linear but replaces its
+    weight by ``storage((q - z) * stored_scale)`` in the activation dtype (bf16/f16);
+    it does so when no row would keep codes (per group N < NPU_NUM, per channel
+    N % NPU_NUM != 0).
     """
 
     fmt: TpuWeightFormat
@@ -81,6 +90,7 @@ class TpuQuantizedWeight:
     zero: torch.Tensor  # int16 [n_quantized, n_groups]
     float_rows: torch.Tensor  # float32 [N - n_quantized, K]
     signed: bool = False  # W8 per-channel signed int8 codes
+    folded: bool = False  # quantized, then folded back to a float weight by the compiler
 
     @property
     def n_quantized(self) -> int:
@@ -102,7 +112,15 @@ class TpuQuantizedWeight:
             g = self.group_size
             s = self.stored_scale.float().repeat_interleave(g, dim=1)
             z = self.zero.float().repeat_interleave(g, dim=1)
-            parts.append((self.codes.float() - z) * s)
+            codes = self.codes
+            if self.folded:
+                # TPU-MLIR 1.30.2 folds the stored byte back as unsigned: a signed W8 code
+                # -3 becomes 253 (a compiler bug; only W8 per channel has signed codes)
+                codes = codes & 0xFF
+            w = (codes.float() - z) * s
+            if self.folded:
+                w = w.to(self.fmt.torch_scale_dtype).float()
+            parts.append(w)
         parts.append(self.float_rows)
         return torch.cat(parts, dim=0)
 
@@ -155,19 +173,22 @@ def quantize_codes(
 def quantize_weight(w: torch.Tensor, fmt: TpuWeightFormat) -> TpuQuantizedWeight:
     """Quantize a ``[N, K]`` Linear weight exactly as TPU-MLIR will (give it the saved values)."""
     w = w.detach().float()
-    n_q = quantized_out_features(w.shape[0], fmt.bits, fmt.chip)
+    n, k = w.shape
+    n_q = quantized_out_features(n, fmt.bits, fmt.chip, fmt.per_channel)
+    folded = n_q == 0 and n > 0
+    if folded:
+        n_q = n
     wq, rest = w[:n_q], w[n_q:]
     if n_q:
         scale, zero, signed = tpu_grid(wq, fmt)
         codes = quantize_codes(wq, scale, zero, fmt, signed)
     else:
-        k = w.shape[1]
         n_groups = 1 if fmt.per_channel else k // fmt.group_size
         scale = w.new_zeros(0, n_groups)
         zero = torch.zeros(0, n_groups, dtype=torch.int16)
         codes = torch.zeros(0, k, dtype=torch.int16)
         signed = False
-    return TpuQuantizedWeight(fmt, codes, scale, zero, rest.clone(), signed)
+    return TpuQuantizedWeight(fmt, codes, scale, zero, rest.clone(), signed, folded)
 
 
 def fake_quantize(w: torch.Tensor, fmt: TpuWeightFormat) -> torch.Tensor:
