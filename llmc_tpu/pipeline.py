@@ -63,6 +63,11 @@ def check_shapes(model: torch.nn.Module, spec: ModelSpec, fmt: TpuWeightFormat) 
                             f"{len(bad)} Linear(s), e.g. {bad[0]}; TPU-MLIR needs K % group_size == 0")
 
 
+def _head_dim(config) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    return head_dim or config.hidden_size // config.num_attention_heads
+
+
 class _Timer:
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
@@ -140,7 +145,7 @@ class Quantizer:
         for i, block in enumerate(self._bar(blocks, desc=f"{method.name} blocks", unit="block")):
             prefix = f"{spec.blocks}.{i}"
             block.to(self.device)
-            ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs)
+            ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs, head_dim=_head_dim(model.config))
             method.process_block(ctx)
             block_results = quantize_block(block, spec, self.fmt, prefix)
             results.update(block_results)

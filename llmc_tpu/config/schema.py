@@ -71,6 +71,12 @@ class AwqSpecial(Section):
     trans_version: Literal["v1", "v2"] = "v2"
     weight_clip: bool = True
     clip_sym: bool = True
+    n_grid: int = Field(20, gt=1, description="ratios tried by the scale search (and clip grid density)")
+    max_shrink: float = Field(0.5, gt=0, lt=1, description="the clip search tries factors down to 1 - max_shrink")
+    gqa_o_proj: Literal["skip", "repeat"] = Field(
+        "skip", description="o_proj when kv heads < heads: skip (original AWQ) or scale with s repeated over the kv groups")
+    clip_qk: bool = Field(False, description="also clip q/k projections (the anchor skips them)")
+    chunk_tokens: int = Field(16384, gt=0, description="tokens per forward in the searches (memory bound)")
 
 
 class GptqSpecial(Section):

@@ -23,6 +23,7 @@ class BlockContext:
     fmt: TpuWeightFormat
     device: torch.device
     inputs: list[BlockInput] | None  # None when the method needs no calibration data
+    head_dim: int = 0  # attention head size (for scales shared across grouped-query heads)
     report: dict[str, Any] = field(default_factory=dict)  # per-block notes for the run report
 
 

@@ -35,6 +35,7 @@ class ModelSpec:
     rotary: str | None = "model.rotary_emb"
     final_norm: str = "model.norm"
     lm_head: str = "lm_head"
+    qk_layers: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")  # AWQ clipping skips these by default
     llm_convert: bool = True  # TPU-MLIR's llm_convert.py compiles this model_type
     aliases: tuple[str, ...] = field(default=())
 

@@ -32,6 +32,7 @@ from llmc_tpu.verify.tpu_mlir_env import INSTALL_HINT, TpuMlirEnv, VerifyError, 
 _SCALE_KEYS = ("scale_bf16", "scale_f16", "scale_new")
 _ZERO_KEYS = ("zp", "zp_new")
 _TAIL_LINES = 25
+_PROGRESS = re.compile(r"^local:\d|\] *\d+%")  # GNU parallel and tpuc-opt progress lines
 
 
 def llm_convert_args(model_dir: Path, fmt: TpuWeightFormat, seq_len: int, out_dir: Path) -> list[str]:
@@ -61,7 +62,7 @@ def log_tail(out_dir: Path, log: Path) -> str:
     def tail(p: Path) -> list[str]:
         # progress bars redraw with \r: keep what each line shows last
         lines = [ln.rsplit("\r", 1)[-1][:300] for ln in p.read_text(encoding="utf-8", errors="replace").split("\n")]
-        return [ln for ln in lines if ln.strip()][-_TAIL_LINES:]
+        return [ln for ln in lines if ln.strip() and not _PROGRESS.search(ln)][-_TAIL_LINES:]
 
     parts = [f"--- {log}", *tail(log)] if log.is_file() else []
     failed = [p for p in sorted(out_dir.glob("*/*.log"))

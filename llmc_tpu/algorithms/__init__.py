@@ -1,0 +1,1 @@
+"""The numerical cores of the methods: tensors in, tensors out, no model knowledge."""

@@ -1,0 +1,135 @@
+"""AWQ's searches, scored with whatever quantizer the caller passes (for us: TPU-MLIR's exact RTN).
+
+- Scale search: per input channel ``s = x_mean**r`` (v2) or ``x_mean**r / w_mean**(1-r)`` (v1)
+  over ``n_grid`` ratios ``r = i / n_grid``, normalized by ``sqrt(max(s) * min(s))``; the caller's
+  loss function scores each candidate; the smallest total loss wins.
+- Clip search: per (output row, group) shrink factors ``1 - i / n_grid`` for ``i < max_shrink * n_grid``;
+  the error of a group is ``d^T H_g d`` with ``d = Q(W_clipped) - W`` and ``H_g`` the Gram matrix of
+  the group's inputs summed over every calibration token (exactly the sum over tokens of
+  ``(x_g . d)^2``, without materializing per-token products).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+
+Quantizer = Callable[[torch.Tensor], torch.Tensor]  # float weight [N, K] -> the weight the hardware computes with
+
+
+def activation_mean(xs: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Mean |x| per input channel over every token of every batch (float32)."""
+    total, count = None, 0
+    for x in xs:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        part = x2.abs().sum(dim=0)
+        total = part if total is None else total + part
+        count += x2.shape[0]
+    return total / count
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Mean over output rows of |W| normalized by its group's max |W|, per input channel."""
+    w = torch.cat([wi.float() for wi in weights], dim=0)
+    n, k = w.shape
+    g = group_size if group_size > 0 else k
+    wg = w.abs().view(n, k // g, g)
+    wg = wg / wg.amax(dim=2, keepdim=True).clamp(min=1e-12)
+    return wg.view(n, k).mean(dim=0)
+
+
+def candidate_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, ratio: float, version: str) -> torch.Tensor:
+    if version == "v1":
+        s = x_mean.pow(ratio).clamp(min=1e-4) / w_mean.pow(1 - ratio).clamp(min=1e-4)
+    else:
+        s = x_mean.pow(ratio).clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+@dataclass
+class ScaleSearch:
+    scale: torch.Tensor
+    ratio: float
+    loss: float
+    loss_identity: float  # the loss with s = 1 (plain RTN of this subset)
+    losses: list[float]
+
+
+def search_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, loss_fn: Callable[[torch.Tensor], float],
+                 n_grid: int = 20, version: str = "v2") -> ScaleSearch:
+    """Try every ratio, keep the scale with the smallest loss (ties keep the smaller ratio)."""
+    losses, best = [], None
+    for i in range(n_grid):
+        ratio = i / n_grid
+        s = candidate_scale(x_mean, w_mean, ratio, version)
+        loss = float(loss_fn(s))
+        losses.append(loss)
+        if best is None or loss < best[2]:
+            best = (s, ratio, loss)
+    identity = float(loss_fn(torch.ones_like(x_mean)))
+    if identity <= best[2]:  # v1's grid does not contain s = 1; never do worse than RTN on the calibration loss
+        best = (torch.ones_like(x_mean), float("nan"), identity)
+    return ScaleSearch(best[0], best[1], best[2], identity, losses)
+
+
+def group_gram(xs: Iterable[torch.Tensor], group_size: int, k: int) -> torch.Tensor:
+    """Per-group Gram matrices ``[G, g, g]`` of the inputs, summed over every token (float32)."""
+    g = group_size if group_size > 0 else k
+    gram = None
+    for x in xs:
+        xg = x.reshape(-1, k // g, g).float()
+        part = torch.einsum("tgi,tgj->gij", xg, xg)
+        gram = part if gram is None else gram + part
+    return gram
+
+
+@dataclass
+class ClipSearch:
+    lo: torch.Tensor  # [N, G] lower clamp per group
+    hi: torch.Tensor  # [N, G] upper clamp per group
+    factor: torch.Tensor  # [N, G] chosen shrink factor
+    err_before: float
+    err_after: float
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, gram: torch.Tensor, quantize: Quantizer, symmetric: bool,
+                n_grid: int = 20, max_shrink: float = 0.5, row_chunk: int = 1024) -> ClipSearch:
+    """Per (row, group) shrink factor minimizing the output error of ``quantize(clamp(W))``."""
+    n, k = w.shape
+    n_groups, g, _ = gram.shape
+    wf = w.float()
+    wg = wf.view(n, n_groups, g)
+    if symmetric:
+        hi0 = wg.abs().amax(dim=2)
+        lo0 = -hi0
+    else:
+        hi0, lo0 = wg.amax(dim=2), wg.amin(dim=2)
+    best_err = torch.full((n, n_groups), float("inf"), device=w.device)
+    best_f = torch.ones(n, n_groups, device=w.device)
+    err_before = None
+    for i in range(int(max_shrink * n_grid)):
+        f = 1 - i / n_grid
+        lo, hi = lo0 * f, hi0 * f
+        clipped = torch.maximum(torch.minimum(wg, hi.unsqueeze(2)), lo.unsqueeze(2)).view(n, k)
+        diff = quantize(clipped) - wf  # the whole matrix: TPU-MLIR's NPU rule depends on the row count
+        err = torch.empty(n, n_groups, device=w.device)
+        for r in range(0, n, row_chunk):
+            d = diff[r:r + row_chunk].view(-1, n_groups, g)
+            err[r:r + row_chunk] = torch.einsum("ngi,gij,ngj->ng", d, gram, d)
+        if err_before is None:
+            err_before = float(err.sum())
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_f = torch.where(better, torch.full_like(best_f, f), best_f)
+    return ClipSearch(lo0 * best_f, hi0 * best_f, best_f, err_before, float(best_err.sum()))
+
+
+def apply_clip(w: torch.Tensor, clip: ClipSearch) -> torch.Tensor:
+    n, k = w.shape
+    n_groups = clip.lo.shape[1]
+    wg = w.view(n, n_groups, k // n_groups)
+    out = torch.maximum(torch.minimum(wg, clip.hi.unsqueeze(2).to(w.dtype)), clip.lo.unsqueeze(2).to(w.dtype))
+    return out.view(n, k)

@@ -1,0 +1,108 @@
+"""AWQ: function preserved without quantization, batch-size independent, searches scored exactly."""
+
+import copy
+
+import pytest
+import torch
+
+from llmc_tpu.algorithms.awq import ClipSearch, apply_clip, group_gram, search_clip
+from llmc_tpu.config import parse_config
+from llmc_tpu.engine.blockwise import blocks_of, capture_block_inputs
+from llmc_tpu.methods.awq import AwqMethod, tpu_quantizer
+from llmc_tpu.methods.base import BlockContext
+from llmc_tpu.models.loading import load_model
+from llmc_tpu.tpu.rtn import TpuWeightFormat
+from tiny_models import make_tiny_model
+
+
+def run_awq_on_model(model, spec, batches, special, fmt=TpuWeightFormat()):
+    """Run AWQ block by block like the pipeline (without quant_out); return the per-block reports."""
+    from llmc_tpu.engine.blockwise import run_block
+
+    method = AwqMethod(special)
+    inputs = capture_block_inputs(model, spec, batches)
+    reports = []
+    for i, block in enumerate(blocks_of(model, spec)):
+        ctx = BlockContext(i, block, spec, fmt, torch.device("cpu"), inputs, head_dim=model.config.head_dim)
+        method.process_block(ctx)
+        reports.append(ctx.report)
+        inputs = run_block(block, inputs, torch.device("cpu"))
+    return reports
+
+
+def awq_special(**kw):
+    cfg = parse_config({"model": {"path": "m"}, "quant": {"method": "Awq", "special": kw}, "save": {"save_path": "s"}})
+    return cfg.quant.special
+
+
+@pytest.mark.parametrize("gqa", ["skip", "repeat"])
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_transform_without_clipping_preserves_logits(tmp_path, gqa, version):
+    loaded = load_model(str(make_tiny_model(tmp_path, "llama", heads=4, kv_heads=2, hidden=128)), torch_dtype="float32")
+    model, spec = loaded.model, loaded.spec
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(0))
+    before = model(input_ids=ids).logits
+    reports = run_awq_on_model(model, spec, [ids], awq_special(weight_clip=False, gqa_o_proj=gqa, trans_version=version))
+    after = model(input_ids=ids).logits
+    assert torch.allclose(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
+    scaled = {tuple(s["layers"]) for s in reports[0]["scaled"]}
+    assert (("self_attn.o_proj",) in scaled) == (gqa == "repeat")
+    if gqa == "skip":
+        assert "grouped-query attention" in reports[0]["skipped"][0]["reason"]
+    # the scales really changed the weights (a no-op transform would pass the first assert too)
+    fresh = load_model(str(tmp_path), torch_dtype="float32").model
+    assert not torch.equal(fresh.model.layers[0].mlp.down_proj.weight, model.model.layers[0].mlp.down_proj.weight)
+
+
+def test_result_does_not_depend_on_calib_bs(tmp_path):
+    folder = make_tiny_model(tmp_path, "qwen2")
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    weights = []
+    for batches in ([ids], list(ids.split(1))):
+        loaded = load_model(str(folder), torch_dtype="float32")
+        run_awq_on_model(loaded.model, loaded.spec, batches, awq_special())
+        weights.append({k: v.clone() for k, v in loaded.model.state_dict().items()})
+    for k in weights[0]:
+        assert torch.allclose(weights[0][k], weights[1][k], rtol=1e-4, atol=1e-6), k
+
+
+def test_chunking_does_not_change_the_result(tmp_path):
+    folder = make_tiny_model(tmp_path, "llama")
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(2))
+    states = []
+    for chunk in (16384, 32):  # 32 tokens: one sample per forward
+        loaded = load_model(str(folder), torch_dtype="float32")
+        run_awq_on_model(loaded.model, loaded.spec, [ids], awq_special(chunk_tokens=chunk))
+        states.append(copy.deepcopy(loaded.model.state_dict()))
+    for k in states[0]:
+        assert torch.allclose(states[0][k], states[1][k], rtol=1e-4, atol=1e-6), k
+
+
+def test_gram_error_equals_per_token_sum():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 128, generator=g)
+    d = torch.randn(8, 128, generator=g)
+    gram = group_gram([x], 64, 128)
+    via_gram = torch.einsum("ngi,gij,ngj->ng", d.view(8, 2, 64), gram, d.view(8, 2, 64))
+    explicit = torch.stack([((x[:, gi * 64:(gi + 1) * 64] @ d[:, gi * 64:(gi + 1) * 64].T) ** 2).sum(0) for gi in range(2)], 1)
+    assert torch.allclose(via_gram, explicit, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_clip_search_never_worse_and_scored_with_tpu_grid(sym):
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(64, 128, generator=g) * 0.02
+    w[:, 5] *= 12  # outliers make clipping worth it
+    x = torch.randn(256, 128, generator=g)
+    fmt = TpuWeightFormat(4, 64, False)
+    quantize = tpu_quantizer(fmt)
+    gram = group_gram([x], 64, 128)
+    clip = search_clip(w, gram, quantize, symmetric=sym)
+    assert clip.err_after <= clip.err_before and clip.err_after < 0.95 * clip.err_before
+    clipped = apply_clip(w, clip)
+    # the reported error is exactly the per-group output error of the TPU-quantized clipped weight
+    d = quantize(clipped) - w
+    err = sum(((x[:, i:i + 64] @ d[:, i:i + 64].T) ** 2).sum() for i in (0, 64))
+    assert float(err) == pytest.approx(clip.err_after, rel=1e-3)
+    none = ClipSearch(clip.lo * 0 - 1e9, clip.hi * 0 + 1e9, clip.factor, 0, 0)
+    assert torch.equal(apply_clip(w, none), w)
