@@ -220,9 +220,11 @@ class Quantizer:
     def _summarize_quant(self, results: QuantResults) -> None:
         float_rows = sum(r.float_rows.shape[0] for r in results.values())
         partly = sorted(n for n, r in results.items() if r.float_rows.shape[0])
+        folded = sorted(n for n, r in results.items() if r.folded)
         self.report.quantized = {
             "n_linears": len(results), "format": self.report.tpu_format["name"] + " " + self.report.tpu_format["granularity"],
             "float_rows": float_rows, "linears_with_float_rows": partly,
+            "folded_to_float": folded,  # the compiler keeps no codes for these: (q - z) * s folded into a float weight
         }
 
     def _next_steps(self, final: Path) -> None:

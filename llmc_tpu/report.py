@@ -66,7 +66,8 @@ class RunReport:
         q = self.quantized
         if q:
             lines.append(f"\nquantized Linears: {q.get('n_linears', 0)} ({q.get('format', '')}); "
-                         f"rows left in float by the chip's NPU rule: {q.get('float_rows', 0)}")
+                         f"rows left in float by the chip's NPU rule: {q.get('float_rows', 0)}; "
+                         f"Linears folded back to float: {len(q.get('folded_to_float', []))}")
         lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings_s.items()))
         if self.outputs:
             lines.append("outputs:")

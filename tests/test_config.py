@@ -168,7 +168,8 @@ def test_method_any_case_and_method_defaults():
     assert parse_config({**MINIMAL, "quant": {"method": "gptq"}}).calib.name == "wikitext2"
     cfg = parse_config({**MINIMAL, "quant": {"method": "AWQ"}})
     assert cfg.quant.method == "Awq" and cfg.calib.preproc == "pileval_awq"
-    assert cfg.quant.special == {"trans": True, "trans_version": "v2", "weight_clip": True, "clip_sym": True}
+    assert {k: cfg.quant.special[k] for k in ("trans", "trans_version", "weight_clip", "clip_sym", "gqa_o_proj")} == {
+        "trans": True, "trans_version": "v2", "weight_clip": True, "clip_sym": True, "gqa_o_proj": "skip"}
 
 
 def test_unknown_keys_get_did_you_mean_with_path():

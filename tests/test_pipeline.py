@@ -92,17 +92,24 @@ def test_failed_run_leaves_nothing(tmp_path, tiny_llama, eval_txt):
 
 
 def test_bm1688_keeps_fewer_rows_in_float(tmp_path, eval_txt):
-    """k/v projections with 32 outputs: bf16 on bm1684x (64 NPUs), W4 on bm1688 (32 NPUs)."""
+    """k/v projections with 32 outputs: folded to bf16 on bm1684x (64 NPUs), W4 codes on bm1688 (32 NPUs)."""
     model = make_tiny_model(tmp_path / "m", "llama", hidden=128, heads=4, kv_heads=1)  # head_dim 32 -> k/v out 32
     reports = {}
     for chip in ("bm1684x", "bm1688"):
         cfg = config(model, eval_txt, tmp_path / chip)
         cfg["run"] = {"chip": chip}
         reports[chip] = Quantizer(parse_config(cfg), progress=False).run().quantized
-    assert sorted(reports["bm1684x"]["linears_with_float_rows"]) == sorted(
+    assert reports["bm1684x"]["folded_to_float"] == sorted(
         f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv")
-    assert reports["bm1684x"]["float_rows"] == 2 * 2 * 32
-    assert reports["bm1688"]["float_rows"] == 0
+    assert reports["bm1688"]["folded_to_float"] == []
+    # a 96-row Linear keeps codes for 64 rows on bm1684x and all 96 on bm1688
+    model96 = make_tiny_model(tmp_path / "m96", "llama", hidden=192, heads=6, kv_heads=3)  # k/v out 96
+    rows = {}
+    for chip in ("bm1684x", "bm1688"):
+        cfg = config(model96, eval_txt, tmp_path / f"{chip}96")
+        cfg["run"] = {"chip": chip}
+        rows[chip] = Quantizer(parse_config(cfg), progress=False).run().quantized["float_rows"]
+    assert rows == {"bm1684x": 2 * 2 * 32, "bm1688": 0}
 
 
 def test_block_streaming_eval_matches(tmp_path, tiny_llama, eval_txt):

@@ -104,11 +104,17 @@ def test_npu_rule_per_chip():
     assert quantized_out_features(32, 4, "bm1688") == 32
     assert quantized_out_features(96, 4, "bm1684x") == 64
     assert quantized_out_features(96, 4, "cv186x") == 96
-    assert quantized_out_features(96, 8, "bm1684x") == 96
+    assert quantized_out_features(96, 8, "bm1684x") == 64  # W8 follows the same rule (seen in the compiler)
+    assert quantized_out_features(96, 8, "bm1684x", per_channel=True) == 0  # per channel: all rows or none
     w = torch.randn(96, 64)
     q = quantize_weight(w, TpuWeightFormat(4, 64, False, chip="bm1684x"))
-    assert q.n_quantized == 64 and q.float_rows.shape == (32, 64)
+    assert q.n_quantized == 64 and q.float_rows.shape == (32, 64) and not q.folded
     assert torch.equal(fake_quantize(w, q.fmt)[64:], w[64:])
+    # no row keeps codes: the compiler still quantizes, then folds (q - z) * s back into a bf16 weight
+    small = quantize_weight(torch.randn(32, 64), TpuWeightFormat(4, 64, False, chip="bm1684x"))
+    assert small.folded and small.n_quantized == 32
+    deq = small.dequantize()
+    assert torch.equal(deq, deq.to(torch.bfloat16).float())
 
 
 def test_k_not_multiple_of_group_is_an_error():
