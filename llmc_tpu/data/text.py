@@ -17,6 +17,23 @@ class DataError(RuntimeError):
     """Data that cannot be used; the message names the file and what to do."""
 
 
+def read_text(path: Path) -> str:
+    """The whole text of a .txt file, or of every .txt in a folder (sorted by name, joined by a newline)."""
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: no .txt files in this folder")
+    parts = []
+    for f in files:
+        try:
+            parts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{f}: not UTF-8 text (byte {exc.start})") from None
+    text = "\n".join(parts)
+    if not text.strip():
+        raise DataError(f"{path}: no text (empty file)")
+    return text
+
+
 def read_lines(path: Path) -> list[str]:
     """Non-empty lines of a .txt file or of every .txt in a folder (sorted by name)."""
     files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
@@ -65,7 +82,7 @@ def eval_text(name: str, path: str | None) -> str:
     if not p.exists():
         raise DataError(f"eval.path {path!r}: no such file or folder")
     if name in CUSTOM or p.is_file() or (p.is_dir() and any(p.glob("*.txt"))):
-        return "\n".join(read_lines(p))
+        return read_text(p)  # the text as written: blank lines are part of what the model predicts
     ds = _load_saved_dataset(p)
     if name == "wikitext2":
         return "\n\n".join(_split(ds, ("test",))["text"])
