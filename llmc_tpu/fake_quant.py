@@ -19,12 +19,17 @@ def handoff_weight(linear: nn.Linear) -> torch.Tensor:
     return linear.weight.detach().to(HANDOFF_DTYPE).float()
 
 
-def quantize_block(block: nn.Module, spec: ModelSpec, fmt: TpuWeightFormat, prefix: str) -> QuantResults:
-    """TPU RTN of every quantized Linear of one block, keyed by the full module name."""
+def quantize_block(block: nn.Module, spec: ModelSpec, fmt: TpuWeightFormat, prefix: str,
+                   chosen: dict[str, TpuQuantizedWeight] | None = None) -> QuantResults:
+    """Every quantized Linear of one block, keyed by the full module name: the method's own
+    result where it chose codes (``chosen``), else TPU-MLIR's RTN of the float weight."""
+    chosen = chosen or {}
     results = {}
     for name in spec.linear_names:
-        linear = block.get_submodule(name)
-        results[f"{prefix}.{name}"] = quantize_weight(handoff_weight(linear), fmt)
+        result = chosen.get(name)
+        if result is None:
+            result = quantize_weight(handoff_weight(block.get_submodule(name)), fmt)
+        results[f"{prefix}.{name}"] = result
     return results
 
 

@@ -147,7 +147,7 @@ class Quantizer:
             block.to(self.device)
             ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs, head_dim=_head_dim(model.config))
             method.process_block(ctx)
-            block_results = quantize_block(block, spec, self.fmt, prefix)
+            block_results = quantize_block(block, spec, self.fmt, prefix, ctx.results)
             results.update(block_results)
             if inputs is not None and i + 1 < len(blocks):
                 if self.cfg.quant.quant_out:

@@ -10,7 +10,7 @@ from torch import nn
 
 from llmc_tpu.engine.blockwise import BlockInput
 from llmc_tpu.models.registry import ModelSpec
-from llmc_tpu.tpu.rtn import TpuWeightFormat
+from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat
 
 
 @dataclass
@@ -25,6 +25,9 @@ class BlockContext:
     inputs: list[BlockInput] | None  # None when the method needs no calibration data
     head_dim: int = 0  # attention head size (for scales shared across grouped-query heads)
     report: dict[str, Any] = field(default_factory=dict)  # per-block notes for the run report
+    # Methods that choose integer codes themselves (GPTQ) put their result here, keyed by the
+    # Linear's name relative to the block; every other Linear gets TPU-MLIR's RTN of its float weight.
+    results: dict[str, TpuQuantizedWeight] = field(default_factory=dict)
 
 
 class Method:
