@@ -9,14 +9,14 @@ import torch
 from torch import nn
 
 from llmc_tpu.models.registry import ModelSpec
-from llmc_tpu.tpu.rtn import HANDOFF_DTYPE, TpuQuantizedWeight, TpuWeightFormat, quantize_weight
+from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat, quantize_weight
 
 QuantResults = dict[str, TpuQuantizedWeight]
 
 
-def handoff_weight(linear: nn.Linear) -> torch.Tensor:
-    """The weight exactly as TPU-MLIR will read it from the saved model (bf16), as float32."""
-    return linear.weight.detach().to(HANDOFF_DTYPE).float()
+def handoff_weight(linear: nn.Linear, fmt: TpuWeightFormat) -> torch.Tensor:
+    """The weight exactly as TPU-MLIR will read it from the saved model (bf16 or f16), as float32."""
+    return linear.weight.detach().to(fmt.handoff_dtype).float()
 
 
 def quantize_block(block: nn.Module, spec: ModelSpec, fmt: TpuWeightFormat, prefix: str,
@@ -28,7 +28,7 @@ def quantize_block(block: nn.Module, spec: ModelSpec, fmt: TpuWeightFormat, pref
     for name in spec.linear_names:
         result = chosen.get(name)
         if result is None:
-            result = quantize_weight(handoff_weight(block.get_submodule(name)), fmt)
+            result = quantize_weight(handoff_weight(block.get_submodule(name), fmt), fmt)
         results[f"{prefix}.{name}"] = result
     return results
 

@@ -112,7 +112,8 @@ class Quantizer:
             self._evaluate("transformed", loaded, eval_windows, preds)
             if cfg.save.save_trans:
                 with self.timer("save"):
-                    save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("transformed_model"))
+                    save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("transformed_model"),
+                                   dtype=self.fmt.handoff_dtype)
                 self.report.outputs["transformed_model"] = str(out.final / "transformed_model")
             apply_fake_quant(loaded.model, results)
             self._evaluate("fake_quant", loaded, eval_windows, preds)

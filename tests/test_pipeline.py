@@ -146,3 +146,19 @@ def test_help_teaches():
     assert out.returncode == 0 and "example" in out.stdout and "exit codes" in out.stdout
     out = run_cli("tpu/llm_quant.py", "--help")
     assert out.returncode == 0 and "--config" in out.stdout
+
+
+def test_f16_mode_hands_over_float16(tmp_path, tiny_llama, eval_txt):
+    """llm_convert takes -q w4f16 only from a float16 model: save it so and quantize the f16 values."""
+    cfg = config(tiny_llama, eval_txt, tmp_path / "out")
+    cfg["run"] = {"tpu_dtype": "f16"}
+    report = Quantizer(parse_config(cfg), progress=False).run()
+    trans = tmp_path / "out" / "transformed_model"
+    assert json.loads((trans / "config.json").read_text())["dtype"] == "float16"
+    assert "-q w4f16" in report.next_steps[0]
+    tw = load_file(trans / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert tw[name].dtype == torch.float16
+    fmt = TpuWeightFormat(scale_dtype="float16")
+    q = quantize_weight(tw[name].float(), fmt)
+    assert q.stored_scale.dtype == torch.float16

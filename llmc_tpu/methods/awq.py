@@ -17,14 +17,14 @@ from llmc_tpu.algorithms.awq import (activation_mean, apply_clip, group_gram, se
 from llmc_tpu.engine.blockwise import BlockInput, move
 from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.registry import Subset
-from llmc_tpu.tpu.rtn import HANDOFF_DTYPE, TpuWeightFormat, fake_quantize
+from llmc_tpu.tpu.rtn import TpuWeightFormat, fake_quantize
 
 Batch = tuple[torch.Tensor, dict[str, Any]]  # (input of the subset's layers, block kwargs)
 
 
 def tpu_quantizer(fmt: TpuWeightFormat):
-    """The weight the TPU computes with, for a float weight as we will save it (bf16)."""
-    return lambda w: fake_quantize(w.to(HANDOFF_DTYPE).float(), fmt)
+    """The weight the TPU computes with, for a float weight as we will save it (bf16 or f16)."""
+    return lambda w: fake_quantize(w.to(fmt.handoff_dtype).float(), fmt)
 
 
 def _chunks(x: torch.Tensor, kwargs: dict[str, Any], max_tokens: int) -> Iterator[Batch]:

@@ -28,10 +28,6 @@ import torch
 
 from llmc_tpu.tpu.chips import quantized_out_features
 
-# TPU-MLIR reads the float model we hand over in bf16 (config.json dtype bfloat16), so the
-# weights it quantizes are our weights rounded to bf16: quantize those, not the fp32 ones.
-HANDOFF_DTYPE = torch.bfloat16
-
 _SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _ASYM_SCALE_FLOOR = torch.tensor(1e-5, dtype=torch.float32)  # C++ (float)1e-5
 
@@ -62,6 +58,13 @@ class TpuWeightFormat:
     @property
     def torch_scale_dtype(self) -> torch.dtype:
         return _SCALE_DTYPES[self.scale_dtype]
+
+    @property
+    def handoff_dtype(self) -> torch.dtype:
+        """The dtype the float model is handed to TPU-MLIR in: llm_convert takes -q w*bf16 only from
+        a bfloat16 config and -q w*f16 only from a float16 one. TPU-MLIR quantizes the weights as
+        stored in that dtype, so that is what we quantize too."""
+        return self.torch_scale_dtype
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
