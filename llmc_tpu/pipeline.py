@@ -26,7 +26,10 @@ from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.loading import LoadedModel, load_model
 from llmc_tpu.models.registry import ModelSpec
 from llmc_tpu.report import RunReport, llm_convert_command
+from llmc_tpu.tpu.chips import NPU_NUM, quantized_out_features
 from llmc_tpu.tpu.rtn import TpuWeightFormat
+
+PER_CHANNEL_K_TILE = 128  # TPU-MLIR lays per-channel scales out in tiles of 128 input features
 
 log = logging.getLogger("llmc_tpu")
 
@@ -49,18 +52,25 @@ def pick_device(name: str) -> torch.device:
 
 
 def check_shapes(model: torch.nn.Module, spec: ModelSpec, fmt: TpuWeightFormat) -> None:
-    """Every quantized Linear's in_features must be a multiple of the group size (TPU-MLIR asserts it)."""
-    if fmt.per_channel:
-        return
-    bad = []
+    """Refuse shapes TPU-MLIR cannot compile (or compiles wrongly) before any work is done."""
+    problems = []
     for i, block in enumerate(blocks_of(model, spec)):
         for name in spec.linear_names:
-            k = block.get_submodule(name).in_features
-            if k % fmt.group_size:
-                bad.append(f"{spec.blocks}.{i}.{name} (in_features {k})")
-    if bad:
-        raise PipelineError(f"quant.weight.group_size {fmt.group_size} does not divide the input size of "
-                            f"{len(bad)} Linear(s), e.g. {bad[0]}; TPU-MLIR needs K % group_size == 0")
+            linear = block.get_submodule(name)
+            where = f"{spec.blocks}.{i}.{name} (in_features {linear.in_features}, out_features {linear.out_features})"
+            if not fmt.per_channel and linear.in_features % fmt.group_size:
+                problems.append(f"quant.weight.group_size {fmt.group_size} does not divide the input size of {where}; "
+                                "TPU-MLIR needs K % group_size == 0")
+            if fmt.per_channel and linear.in_features % PER_CHANNEL_K_TILE:
+                problems.append(f"per_channel needs in_features to be a multiple of {PER_CHANNEL_K_TILE} "
+                                f"(TPU-MLIR re-tiles per-channel scales by {PER_CHANNEL_K_TILE}): {where}")
+            if fmt.per_channel and fmt.bits == 8 and quantized_out_features(linear.out_features, 8, fmt.chip, True) == 0:
+                problems.append(f"W8 per_channel on {fmt.chip}: out_features is not a multiple of {NPU_NUM[fmt.chip]}, and "
+                                f"TPU-MLIR 1.30.2 folds such a Linear with its signed codes read as unsigned (wrong weights): "
+                                f"{where}; use per_group")
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise PipelineError("; ".join(problems[:3]) + more)
 
 
 def _head_dim(config) -> int:

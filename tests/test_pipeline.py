@@ -91,6 +91,19 @@ def test_failed_run_leaves_nothing(tmp_path, tiny_llama, eval_txt):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_shapes_tpu_mlir_gets_wrong_are_refused(tmp_path, eval_txt):
+    model = make_tiny_model(tmp_path / "m", "llama", hidden=128, heads=4, kv_heads=1)  # k/v out 32
+    cfg = config(model, eval_txt, tmp_path / "out", weight={"bit": 8, "symmetric": True, "granularity": "per_channel"})
+    with pytest.raises(PipelineError, match="signed codes read as unsigned"):
+        Quantizer(parse_config(cfg), progress=False).run()
+    cfg["run"] = {"chip": "bm1688"}  # 32 NPUs: k/v keep their codes
+    Quantizer(parse_config(cfg), progress=False).run()
+    odd = make_tiny_model(tmp_path / "odd", "llama", hidden=192, heads=3, kv_heads=1)  # K = 192
+    cfg = config(odd, eval_txt, tmp_path / "out2", weight={"bit": 4, "granularity": "per_channel"})
+    with pytest.raises(PipelineError, match="multiple of 128"):
+        Quantizer(parse_config(cfg), progress=False).run()
+
+
 def test_bm1688_keeps_fewer_rows_in_float(tmp_path, eval_txt):
     """k/v projections with 32 outputs: folded to bf16 on bm1684x (64 NPUs), W4 codes on bm1688 (32 NPUs)."""
     model = make_tiny_model(tmp_path / "m", "llama", hidden=128, heads=4, kv_heads=1)  # head_dim 32 -> k/v out 32
