@@ -75,8 +75,10 @@ def test_text_errors_name_the_file(tmp_path):
     (tmp_path / "d").mkdir()
     with pytest.raises(DataError, match="no .txt files"):
         read_lines(tmp_path / "d")
-    with pytest.raises(DataError, match="eval.path is not set"):
+    with pytest.raises(DataError, match="default folder data/LLM/eval/wikitext2 does not exist; run `python tools/download_eval_dataset.py --dataset_name wikitext2`"):
         eval_text("wikitext2", None)
+    with pytest.raises(DataError, match="eval.path is not set for eval set 'custom_ppl'"):
+        eval_text("custom_ppl", None)
 
 
 def test_preprocs_are_seeded_and_shaped():
@@ -98,3 +100,11 @@ def test_too_little_calibration_data_says_how_much(tmp_path):
         build_samples(["short text"] * 3, tok, "pileval_awq", 100, 32, seed=0)
     with pytest.raises(DataError, match="fewer than one calib.seq_len window"):
         build_samples(["short"], tok, "random_truncate_txt", 2, 512, seed=0)
+
+
+def test_open_sets_default_to_the_download_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    download("wikitext2", "eval", tmp_path / "data/LLM/eval/wikitext2", loader=fake_hub([]))
+    assert "first line of text" in eval_text("wikitext2", None)
+    download("pileval", "calib", tmp_path / "data/LLM/cali/pileval", loader=fake_hub([]))
+    assert "second line" in calibration_texts("pileval", None)

@@ -12,12 +12,11 @@ Preprocessing (re-derived from the anchors' descriptions, seeded by ``calib.seed
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from llmc_tpu.data.text import DataError, _load_saved_dataset, _split, read_lines
+from llmc_tpu.data.text import DataError, _load_saved_dataset, _split, read_lines, resolve_path
 
 PREPROCS = ("pileval_awq", "wikitext2_gptq", "c4_gptq", "ptb_gptq", "random_truncate_txt")
 _TEXT_COLUMN = {"ptb": "sentence"}
@@ -26,11 +25,7 @@ _JOIN = {"wikitext2": "\n\n", "ptb": " "}
 
 def calibration_texts(name: str, path: str | None) -> list[str]:
     """The raw calibration samples of a named set from a local path."""
-    if path is None:
-        raise DataError(f"calib.path is not set for calibration set {name!r}; give a local folder or .txt file")
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise DataError(f"calib.path {path!r}: no such file or folder")
+    p = resolve_path("calib", name, path)
     if name == "custom_txt" or p.is_file() or (p.is_dir() and any(p.glob("*.txt"))):
         return read_lines(p)
     ds = _split(_load_saved_dataset(p), ("train", "validation", "test"))

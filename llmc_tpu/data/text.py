@@ -74,13 +74,32 @@ def _split(ds, preferred: tuple[str, ...]):
     return ds
 
 
-def eval_text(name: str, path: str | None) -> str:
-    """The evaluation text of a named set, joined as the GPTQ protocol does."""
+def default_path(purpose: str, name: str) -> str:
+    """Where tools/download_*_dataset.py saves an open set by default."""
+    return f"data/LLM/{'cali' if purpose == 'calib' else 'eval'}/{name}"
+
+
+def resolve_path(purpose: str, name: str, path: str | None) -> Path:
+    """The configured path, or the download tool's default folder for an open set; a clear error when missing."""
+    key = f"{purpose}.path"
+    tool = f"tools/download_{purpose}_dataset.py --dataset_name {name}"
     if path is None:
-        raise DataError(f"eval.path is not set for eval set {name!r}; give a local folder or file (no download here)")
+        if name not in OPEN_SETS:
+            raise DataError(f"{key} is not set for {purpose} set {name!r}; give a .txt file or folder")
+        path = default_path(purpose, name)
+        if not Path(path).exists():
+            raise DataError(f"{key} is not set and the default folder {path} does not exist; run `python {tool}` "
+                            f"or set {key}")
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"eval.path {path!r}: no such file or folder")
+        hint = f"; run `python {tool}`" if name in OPEN_SETS else ""
+        raise DataError(f"{key} {str(path)!r}: no such file or folder{hint}")
+    return p
+
+
+def eval_text(name: str, path: str | None) -> str:
+    """The evaluation text of a named set, joined as the GPTQ protocol does."""
+    p = resolve_path("eval", name, path)
     if name in CUSTOM or p.is_file() or (p.is_dir() and any(p.glob("*.txt"))):
         return read_text(p)  # the text as written: blank lines are part of what the model predicts
     ds = _load_saved_dataset(p)
