@@ -108,3 +108,13 @@ def test_open_sets_default_to_the_download_folder(tmp_path, monkeypatch):
     assert "first line of text" in eval_text("wikitext2", None)
     download("pileval", "calib", tmp_path / "data/LLM/cali/pileval", loader=fake_hub([]))
     assert "second line" in calibration_texts("pileval", None)
+
+
+def test_chat_template_wraps_each_sample():
+    from llmc_tpu.data.calib import apply_chat_template
+
+    tok = make_tokenizer()
+    with pytest.raises(DataError, match="no chat template"):
+        apply_chat_template(["hi"], tok)
+    tok.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</{{ m.role }}>{% endfor %}"
+    assert apply_chat_template(["hi", "yo"], tok) == ["<user>hi</user>", "<user>yo</user>"]

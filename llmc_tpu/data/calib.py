@@ -83,11 +83,20 @@ def build_samples(texts: list[str], tokenizer, preproc: str, n_samples: int, seq
     raise DataError(f"calib.preproc {preproc!r}: allowed: {', '.join(PREPROCS)}")
 
 
+def apply_chat_template(texts: list[str], tokenizer) -> list[str]:
+    """Wrap each sample as one user turn in the model's chat template (``calib.apply_chat_template``)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("calib.apply_chat_template is set but the tokenizer has no chat template")
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False) for t in texts]
+
+
 def calibration_batches(calib, tokenizer) -> tuple[list[torch.Tensor], dict[str, Any]]:
     """Batches of calibration token ids (``calib.bs`` samples each, all of them with -1)."""
     if calib.name is None:
         raise DataError("calib.name is not set: give pileval, wikitext2, c4, ptb or custom_txt with calib.path")
     texts = calibration_texts(calib.name, calib.path)
+    if calib.apply_chat_template:
+        texts = apply_chat_template(texts, tokenizer)
     preproc = calib.preproc or "random_truncate_txt"
     samples, info = build_samples(texts, tokenizer, preproc, calib.n_samples, calib.seq_len, calib.seed,
                                   join=_JOIN.get(calib.name, "\n"), source=f"calib.path {calib.path}")
