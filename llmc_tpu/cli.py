@@ -83,13 +83,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     f = report["tpu_format"]
     fmt = TpuWeightFormat(f["bits"], f["group_size"], f["symmetric"], f["scale_dtype"], f["chip"])
-    model_dir = save / "transformed_model"
+    gptq = report.get("config", {}).get("quant", {}).get("method") == "GPTQ"  # handoff: a GPTQ checkpoint, -q auto
+    model_dir = save / ("gptq_tpu_model" if gptq else "transformed_model")
     if not model_dir.is_dir():
-        print(f"error: {model_dir} not found (the run had save.save_trans off)", file=sys.stderr)
+        why = "the run did not finish writing it" if gptq else "the run had save.save_trans off"
+        print(f"error: {model_dir} not found ({why})", file=sys.stderr)
         return EXIT_USAGE
     work = Path(args.work_dir) if args.work_dir else save / "verify"
     try:
-        result = verify(model_dir, fmt, seq_len=args.seq_len, work_dir=work)
+        if gptq:
+            from llmc_tpu.verify.checkpoint import verify_checkpoint
+
+            result = verify_checkpoint(model_dir, fmt, seq_len=args.seq_len, work_dir=work)
+        else:
+            result = verify(model_dir, fmt, seq_len=args.seq_len, work_dir=work)
     except VerifyError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -117,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", metavar="CFG.yml")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("verify", help="compile a run's transformed_model with TPU-MLIR and compare its codes with ours",
+    p = sub.add_parser("verify", help="compile a run's handoff (transformed_model; gptq_tpu_model for GPTQ) with TPU-MLIR and compare its codes with ours",
                        description="Needs TPU-MLIR (tools/install_tpu_mlir.sh). Exits 3 on any mismatch.",
                        epilog="example: llmc-tpu verify ./save/demo_rtn")
     p.add_argument("save_path", help="save.save_path of a finished run")

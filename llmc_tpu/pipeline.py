@@ -18,6 +18,8 @@ from llmc_tpu.data.text import eval_text
 from llmc_tpu.engine.blockwise import BlockInput, blocks_of, capture_block_inputs, run_block
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
 from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
+from llmc_tpu.export.gptq_checkpoint import FOLDER as GPTQ_FOLDER
+from llmc_tpu.export.gptq_checkpoint import llm_convert_auto_command, save_gptq_checkpoint
 from llmc_tpu.export.hf_folder import save_hf_folder
 from llmc_tpu.export.output_dir import OutputDir
 from llmc_tpu.fake_quant import QuantResults, apply_fake_quant, fake_quantized, quantize_block
@@ -131,6 +133,11 @@ class Quantizer:
                 with self.timer("save"):
                     save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("fake_quant_model"))
                 self.report.outputs["fake_quant_model"] = str(out.final / "fake_quant_model")
+            if cfg.quant.method == "GPTQ":  # GPTQ's handoff: a checkpoint llm_convert -q auto reads with our codes
+                with self.timer("save"):
+                    save_gptq_checkpoint(loaded.model, loaded.tokenizer, loaded.path, out.path(GPTQ_FOLDER), results,
+                                         self.fmt, meta={"damp_percent": cfg.quant.special["percdamp"], **cfg.quant.special})
+                self.report.outputs[GPTQ_FOLDER] = str(out.final / GPTQ_FOLDER)
             if cfg.eval.eval_token_consist and "pretrain" in preds and "fake_quant" in preds:
                 for name in preds["fake_quant"]:
                     self.report.token_consistency[name] = token_consistency(preds["pretrain"][name], preds["fake_quant"][name])
@@ -240,6 +247,9 @@ class Quantizer:
 
     def _next_steps(self, final: Path) -> None:
         steps = []
+        if self.cfg.quant.method == "GPTQ":
+            steps.append(llm_convert_auto_command(final / GPTQ_FOLDER, self.fmt, self.cfg.run.seq_length, final / "bmodel"))
+            steps.append(f"llmc-tpu verify {final}")
         if self.cfg.save.save_trans:
             model_dir = final / "transformed_model"
             if self.report.model.get("llm_convert_supported"):

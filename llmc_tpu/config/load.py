@@ -155,10 +155,29 @@ def _check_values(cfg: RunConfig) -> list[Problem]:
             problems.append(Problem(f"save.{key}", "this export is not available in this version; allowed exports: save_trans, save_fake", True))
     if "vision" in cfg.quant.quant_objects and cfg.run.task_type != "VLM":
         problems.append(Problem("quant.quant_objects", "'vision' needs run.task_type: VLM", cfg.quant.quant_objects))
+    if cfg.quant.method == "GPTQ":
+        problems += _check_gptq(cfg)
+    return problems
+
+
+def _check_gptq(cfg: RunConfig) -> list[Problem]:
+    """GPTQ hands TPU-MLIR a GPTQ checkpoint (export/gptq_checkpoint.py): refuse what it cannot carry."""
+    problems = []
+    sp = cfg.quant.special or {}
+    if sp.get("actorder") and not sp.get("static_groups") and cfg.quant.weight.granularity == "per_group":
+        problems.append(Problem("quant.special.actorder", "act-order needs quant.special.static_groups: True for the TPU "
+                                "handoff (TPU-MLIR reads no g_idx, so every group must keep its natural columns); "
+                                "set static_groups: True, or actorder: False", True))
+    if cfg.save.save_trans and "save_trans" in cfg.save.model_fields_set:
+        problems.append(Problem("save.save_trans", "GPTQ's handoff is the GPTQ checkpoint SAVE_PATH/gptq_tpu_model "
+                                "(llm_convert.py -q auto keeps its codes); float weights would be re-quantized by "
+                                "TPU-MLIR's RTN and lose GPTQ's codes: remove save_trans or set it False", True))
     return problems
 
 
 def _fill_defaults(cfg: RunConfig) -> None:
+    if cfg.quant.method == "GPTQ" and "save_trans" not in cfg.save.model_fields_set:
+        cfg.save.save_trans = False  # GPTQ writes its checkpoint instead (see _check_gptq)
     if cfg.quant.weight.granularity == "per_channel":
         cfg.quant.weight.group_size = -1
     if cfg.calib.seed is None:

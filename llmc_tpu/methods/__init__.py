@@ -2,8 +2,9 @@
 
 from llmc_tpu.methods.awq import AwqMethod
 from llmc_tpu.methods.base import Method
+from llmc_tpu.methods.gptq import GptqMethod
 from llmc_tpu.methods.rtn import RtnMethod
 
-METHODS: dict[str, type[Method]] = {"RTN": RtnMethod, "Awq": AwqMethod}
+METHODS: dict[str, type[Method]] = {"RTN": RtnMethod, "Awq": AwqMethod, "GPTQ": GptqMethod}
 
 __all__ = ["METHODS", "Method"]

@@ -1,0 +1,200 @@
+"""GPTQ on TPU-MLIR's grid: tensors in, integer codes out, no model knowledge.
+
+The algorithm of Frantar et al. (running Hessian ``H = 2/n sum x x^T``, damping, the upper
+Cholesky factor of ``H^-1``, column-by-column rounding with the error spread over the columns
+not yet quantized, lazy block updates, act-order), with the group parameters of TPU-MLIR 1.30.2
+(``rtn.tpu_grid``: fp32 math, round half away from zero) and two changes so that the result
+survives as a GPTQ checkpoint that ``llm_convert.py -q auto`` reads code for code:
+
+- **No zero point 0.** The checkpoint's v1 convention stores ``z - 1``, and TPU-MLIR adds the 1
+  back: ``z = 0`` cannot be written. A group whose TPU grid gives ``z = 0`` (every weight above
+  ``-s/2``) gets ``z = 1`` and ``s = max(max / (qmax - 1), s)``: the codes still cover the whole
+  group (``(qmax - 1) * s >= max``), at most ``qmax / (qmax - 1)`` coarser. W8 per channel's
+  signed codes ``c`` (zero 0) are written as ``c + 128`` with zero 128: the same weights.
+- **Scales that survive fp16.** The checkpoint stores fp16 scales and TPU-MLIR casts them to
+  bf16 for W*BF16: the dequantization (and so the error feedback, and our fake-quant) uses
+  ``bf16(s)``, which fp16 holds exactly except below 2^-14, where the value fp16 can carry is used.
+  Codes are computed with the fp32 ``s`` as TPU-MLIR's RTN does, so with no error to spread
+  (identity Hessian) the codes are TPU-MLIR's RTN codes.
+
+Other choices: dead columns (``diag(H) = 0``) get ``H = 1`` and keep their weights (the reference
+zeroes them, which would move the TPU grid's min/max); groups are computed from the current
+columns at the start of each group (pending lazy updates included), or from the original
+weights up front with ``static_groups`` (needed with act-order: TPU-MLIR reads no ``g_idx``).
+A Cholesky failure multiplies ``percdamp`` by 10 and retries, with a warning in the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from llmc_tpu.tpu.chips import quantized_out_features
+from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat, quantize_codes, tpu_grid
+
+DAMP_TRIES = 8  # percdamp, x10, ... x1e7
+
+
+class GptqError(RuntimeError):
+    """The solver cannot produce a result (non-finite Hessian, Cholesky failing at every damping)."""
+
+
+class Hessian:
+    """Running ``H = 2/n sum x x^T`` over every row of every batch added (float32)."""
+
+    def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
+        self.h = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``[..., K]``."""
+        x = x.reshape(-1, x.shape[-1]).to(self.h.device, torch.float32)
+        m = x.shape[0]
+        if m == 0:
+            return
+        self.h.mul_(self.n / (self.n + m))
+        self.n += m
+        x = x * math.sqrt(2 / self.n)
+        self.h.addmm_(x.T, x)
+
+
+def storable_scale(scale: torch.Tensor, fmt: TpuWeightFormat) -> torch.Tensor:
+    """The scale TPU-MLIR multiplies with when it reads ``scale`` from an fp16 checkpoint (float32)."""
+    stored = scale.to(fmt.torch_scale_dtype)
+    if fmt.scale_dtype == "bfloat16":  # exact for bf16 values >= 2^-14; below, what fp16 can carry
+        stored = stored.to(torch.float16).to(torch.bfloat16)
+    eff = stored.float()
+    if not torch.isfinite(eff).all() or not torch.equal(eff.to(torch.float16).float(), eff):
+        raise GptqError(f"a group scale ({float(scale.abs().max()):.3g}) does not fit fp16, the GPTQ checkpoint's scale type")
+    return eff
+
+
+def handoff_grid(w: torch.Tensor, fmt: TpuWeightFormat) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """TPU-MLIR's grid of ``w`` made writable as a GPTQ checkpoint: (scale, zero, groups moved off zero 0)."""
+    scale, zero, signed = tpu_grid(w, fmt)
+    if signed:  # W8 per channel: signed codes c written as c + 128 with zero 128
+        zero = torch.full_like(zero, 128)
+    no_zero = zero == 0
+    fixes = int(no_zero.sum())
+    if fixes:
+        n, k = w.shape
+        g = k if fmt.per_channel else fmt.group_size
+        mx = w.float().reshape(n, k // g, g).amax(dim=2)
+        scale = torch.where(no_zero, torch.maximum(mx / (fmt.qmax - 1), scale), scale)
+        zero = torch.where(no_zero, torch.ones_like(zero), zero)
+    eff = storable_scale(scale, fmt)
+    scale = torch.where(scale.to(fmt.torch_scale_dtype).float() == eff, scale, eff)
+    return scale, zero.to(torch.int16), fixes
+
+
+@dataclass
+class GptqResult:
+    """Codes, scales and zeros of one weight ``[N, K]`` in natural column order, plus what happened."""
+
+    fmt: TpuWeightFormat
+    codes: torch.Tensor  # int16 [N, K], unsigned 0..qmax
+    scale: torch.Tensor  # float32 [N, n_groups]; the TPU multiplies with scale.to(fmt's scale dtype)
+    zero: torch.Tensor  # int16 [N, n_groups], 1..qmax
+    percdamp: float  # the damping finally used
+    dead_columns: int = 0
+    zero_point_fixes: int = 0  # groups moved from zero 0 to zero 1
+    warnings: list[str] = field(default_factory=list)
+
+    def tpu_weight(self, rows: slice = slice(None)) -> TpuQuantizedWeight:
+        """Rows of the result as TPU-MLIR lowers a GPTQ checkpoint: integer codes for all rows
+        when ``N % NPU_NUM == 0``, else the whole Linear folded to float (checked by verify)."""
+        codes, scale, zero = self.codes[rows], self.scale[rows], self.zero[rows]
+        n = codes.shape[0]
+        n_int = quantized_out_features(n, self.fmt.bits, self.fmt.chip, per_channel=True)
+        empty = codes.new_zeros(0, codes.shape[1], dtype=torch.float32)
+        return TpuQuantizedWeight(self.fmt, codes, scale, zero, empty, signed=False, folded=n_int == 0 and n > 0)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``(q - z) * stored scale``, ``[N, K]``."""
+        return dataclasses.replace(self.tpu_weight(), folded=False).dequantize()
+
+
+def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, list[str]]:
+    """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping on failure."""
+    warnings = []
+    mean_diag = float(torch.diagonal(h).mean())
+    for attempt in range(DAMP_TRIES):
+        damp = float(f"{percdamp * 10 ** attempt:.12g}")
+        hd = h.clone()
+        hd.diagonal().add_(damp * mean_diag)
+        low, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            up, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            if int(info) == 0 and bool(torch.isfinite(up).all()):
+                return up, damp, warnings
+        if attempt + 1 < DAMP_TRIES:
+            warnings.append(f"Cholesky failed with percdamp {damp:g}; retried with {damp * 10:g}")
+    raise GptqError(f"Cholesky failed even with percdamp {damp:g}; the Hessian is degenerate "
+                    "(check the calibration data)")
+
+
+def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, blocksize: int = 128,
+                  percdamp: float = 0.01, actorder: bool = False, static_groups: bool = False) -> GptqResult:
+    """Quantize ``w`` ``[N, K]`` on TPU-MLIR's grid, minimizing the output error on inputs with Hessian ``[K, K]``."""
+    W = w.detach().float().clone()
+    n, k = W.shape
+    g = k if fmt.per_channel else fmt.group_size
+    if k % g:
+        raise ValueError(f"in_features {k} is not a multiple of the group size {g} (TPU-MLIR asserts K % G == 0)")
+    if actorder and not static_groups and not fmt.per_channel:
+        raise ValueError("act-order needs static groups: TPU-MLIR reads no g_idx (quant.special.static_groups: True)")
+    H = hessian.detach().to(W.device, torch.float32).clone()
+    if not torch.isfinite(H).all():
+        raise GptqError("the Hessian has NaN/Inf values: the calibration activations overflowed")
+    dead = torch.diagonal(H) == 0
+    H.diagonal()[dead] = 1
+    static = static_groups or fmt.per_channel
+    group_fmt = dataclasses.replace(fmt, group_size=g) if not fmt.per_channel else fmt
+    scale = W.new_zeros(n, k // g)
+    zero = torch.zeros(n, k // g, dtype=torch.int16, device=W.device)
+    fixes = 0
+    if static:
+        scale, zero, fixes = handoff_grid(W, fmt)
+    deq = scale.to(fmt.torch_scale_dtype).float()
+    order = torch.arange(k, device=W.device)
+    if actorder:
+        order = torch.argsort(torch.diagonal(H), descending=True)
+        W, H = W[:, order], H[order][:, order]
+    group_of = (order // g).tolist()
+    hinv, used, warnings = _inverse_cholesky(H, percdamp)
+    Q = torch.zeros(n, k, dtype=torch.int16, device=W.device)
+    for i1 in range(0, k, blocksize):
+        i2 = min(i1 + blocksize, k)
+        W1, Hinv1 = W[:, i1:i2], hinv[i1:i2, i1:i2]  # W1 is a view: updated in place
+        Err1 = W.new_zeros(n, i2 - i1)
+        for jj in range(i2 - i1):
+            j = i1 + jj
+            gi = group_of[j]
+            if not static and j % g == 0:  # the group's current columns, lazy updates still pending included
+                cols = W[:, j:j + g].clone()
+                if j + g > i2 and jj:
+                    cols[:, i2 - j:] -= Err1[:, :jj] @ hinv[i1:j, i2:j + g]
+                s, z, f = handoff_grid(cols, group_fmt)
+                scale[:, gi:gi + 1], zero[:, gi:gi + 1], fixes = s, z, fixes + f
+                deq[:, gi:gi + 1] = s.to(fmt.torch_scale_dtype).float()
+            col = W1[:, jj:jj + 1]
+            q = quantize_codes(col, scale[:, gi:gi + 1], zero[:, gi:gi + 1], fmt)
+            err = (col - (q.float() - zero[:, gi:gi + 1].float()) * deq[:, gi:gi + 1]) / Hinv1[jj, jj]
+            W1[:, jj:].sub_(err @ Hinv1[jj:jj + 1, jj:])
+            Err1[:, jj:jj + 1] = err
+            Q[:, j:j + 1] = q
+        W[:, i2:].sub_(Err1 @ hinv[i1:i2, i2:])
+    if actorder:
+        Q = Q[:, torch.argsort(order)]
+    return GptqResult(fmt, Q, scale, zero, used, int(dead.sum()), fixes, warnings)
+
+
+def output_error(w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor) -> float:
+    """Relative squared output error ``sum ||(W - Q) x||^2 / sum ||W x||^2`` over the calibration inputs."""
+    w = w.float().to(hessian.device)
+    d = w - wq.float().to(hessian.device)
+    den = float(((w @ hessian) * w).sum())
+    return float(((d @ hessian) * d).sum()) / den if den > 0 else 0.0

@@ -1,0 +1,173 @@
+"""GPTQ's handoff to TPU-MLIR: a GPTQ-format Hugging Face folder that ``llm_convert.py -q auto`` compiles code for code.
+
+Written from the canonical per-Linear results (``TpuQuantizedWeight``), never from recomputed
+scales. Per quantized Linear ``L`` (weight ``[N, K]``, G = group size, K for per channel):
+
+- ``L.qweight`` int32 ``[K*bits/32, N]``: packed along the input; element p of word i is in-feature
+  ``(32/bits)*i + p``, at bits ``bits*p`` (low bits first).
+- ``L.qzeros`` int32 ``[K/G, N*bits/32]``: packed along the output the same way, **v1 convention**:
+  the file holds ``z - 1`` and readers (TPU-MLIR included) add the 1 back, so ``z`` must be >= 1
+  (the solver guarantees it, see ``algorithms/gptq.py``).
+- ``L.scales`` fp16 ``[K/G, N]``: our stored scale, written exactly. For W*BF16 it is a bf16 value
+  that fp16 holds exactly, so TPU-MLIR's cast of the file's fp16 to bf16 gives back the very
+  scale our fake-quant multiplied with.
+- ``L.g_idx`` int32 ``[K]`` = ``i // G``: act-order runs only with static groups, codes stay in
+  natural column order (TPU-MLIR reads no g_idx).
+
+Everything else (embeddings, norms, lm_head, biases) is written in the activation dtype (bf16 or
+f16, which also selects -q auto's w4bf16/w4f16), with config.json's ``quantization_config``
+(``quant_method: gptq``, ``checkpoint_format: gptq``, ``desc_act: false``) and the tokenizer files.
+
+``save.save_trans`` is refused for GPTQ (config check): float weights would be re-gridded by
+TPU-MLIR's RTN and GPTQ's codes lost; this folder is the handoff.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from llmc_tpu.export.hf_folder import copy_side_files
+from llmc_tpu.tpu.chips import quantized_out_features
+from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat
+
+FOLDER = "gptq_tpu_model"
+
+
+class CheckpointError(ValueError):
+    """A result that a GPTQ checkpoint cannot carry exactly, or a folder that is not ours."""
+
+
+def pack(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned ``[R, C]`` values -> int32 ``[R*bits/32, C]``, packed along the rows, low bits first."""
+    per = 32 // bits
+    r, c = values.shape
+    if r % per:
+        raise CheckpointError(f"{r} values along the packed dimension are not a multiple of {per} ({bits}-bit into int32)")
+    v = values.to(torch.int64).reshape(r // per, per, c) & ((1 << bits) - 1)
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
+    words = (v << shifts).sum(dim=1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack``: int32 ``[R', C]`` -> int16 ``[R'*32/bits, C]``."""
+    per = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
+    v = (w.unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+    return v.reshape(-1, words.shape[1]).to(torch.int16)
+
+
+def file_scale(q: TpuQuantizedWeight) -> torch.Tensor:
+    """The fp16 the file stores: our stored scale, exactly, checked to survive TPU-MLIR's cast back."""
+    stored = q.stored_scale
+    f16 = stored.to(torch.float16)
+    if not torch.isfinite(f16).all() or not torch.equal(f16.to(stored.dtype), stored):
+        raise CheckpointError("a scale is not exactly representable in fp16 (the GPTQ checkpoint's scale type); "
+                              "such results come from TPU RTN, not from the GPTQ solver")
+    return f16
+
+
+def linear_tensors(name: str, q: TpuQuantizedWeight) -> dict[str, torch.Tensor]:
+    """The qweight/qzeros/scales/g_idx tensors of one Linear."""
+    fmt = q.fmt
+    if q.float_rows.shape[0] or q.signed:
+        raise CheckpointError(f"{name}: {'float rows' if q.float_rows.shape[0] else 'signed codes'} cannot be written "
+                              "in a GPTQ checkpoint (the GPTQ solver produces neither)")
+    if q.n_quantized and (int(q.zero.min()) < 1 or int(q.zero.max()) > fmt.qmax + 1):
+        raise CheckpointError(f"{name}: zero points must be in 1..{fmt.qmax + 1} (v1 stores z - 1)")
+    k = q.codes.shape[1]
+    g = q.group_size
+    return {
+        f"{name}.qweight": pack(q.codes.T.contiguous(), fmt.bits),
+        f"{name}.qzeros": pack((q.zero.to(torch.int32) - 1).contiguous(), fmt.bits).T.contiguous(),
+        f"{name}.scales": file_scale(q).T.contiguous(),
+        f"{name}.g_idx": torch.arange(k, dtype=torch.int32) // g,
+    }
+
+
+def quantization_config(fmt: TpuWeightFormat, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json's ``quantization_config`` for our checkpoint."""
+    from llmc_tpu import __version__
+
+    return {"quant_method": "gptq", "bits": fmt.bits, "group_size": -1 if fmt.per_channel else fmt.group_size,
+            "desc_act": False, "sym": fmt.symmetric, "checkpoint_format": "gptq", "pack_dtype": "int32", "lm_head": False,
+            "meta": {"quantizer": [f"llmc_tpu:{__version__}"], "tpu_format": fmt.llm_convert_quantize.upper(),
+                     "chip": fmt.chip, **(meta or {})}}
+
+
+def _float_state(model: nn.Module, skip: set[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every tensor but the quantized weights, tied duplicates written once, floats in ``dtype``."""
+    out, seen = {}, set()
+    for key, t in model.state_dict().items():
+        if key in skip:
+            continue
+        ident = (t.data_ptr(), tuple(t.shape))
+        if t.numel() and ident in seen:  # tied (lm_head = embeddings): readers re-tie from config.json
+            continue
+        seen.add(ident)
+        t = t.detach().cpu()
+        out[key] = (t.to(dtype) if t.is_floating_point() else t).contiguous()
+    return out
+
+
+def save_gptq_checkpoint(model: nn.Module, tokenizer, source: Path, dest: Path, results: dict[str, TpuQuantizedWeight],
+                         fmt: TpuWeightFormat, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``dest``: ``results`` (keyed by Linear name) as GPTQ tensors, every other tensor in fmt's activation dtype."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, q in results.items():
+        if q.fmt != fmt:
+            raise CheckpointError(f"{name}: quantized as {q.fmt}, checkpoint format {fmt}")
+        tensors.update(linear_tensors(name, q))
+    tensors.update(_float_state(model, {f"{n}.weight" for n in results}, fmt.torch_scale_dtype))
+    dest.mkdir(parents=True, exist_ok=False)
+    copy_side_files(Path(source), dest)
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(dest)
+    cfg_file = dest / "config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    cfg["dtype"] = fmt.scale_dtype  # llm_convert -q auto picks w*bf16 / w*f16 from it
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = fmt.scale_dtype
+    cfg["quantization_config"] = quantization_config(fmt, meta)
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dest)
+    return dest
+
+
+def read_gptq_checkpoint(folder: Path, fmt: TpuWeightFormat) -> dict[str, TpuQuantizedWeight]:
+    """Our reading of a GPTQ checkpoint: every quantized Linear as TPU-MLIR will lower it for ``fmt.chip``."""
+    cfg = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    qc = cfg.get("quantization_config") or {}
+    group = -1 if fmt.per_channel else fmt.group_size
+    if qc.get("quant_method") != "gptq" or qc.get("bits") != fmt.bits or qc.get("group_size") != group:
+        raise CheckpointError(f"{folder}: quantization_config {qc} is not a {fmt.bits}-bit gptq checkpoint with group_size {group}")
+    out = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if not key.endswith(".qweight"):
+                    continue
+                name = key[: -len(".qweight")]
+                codes = unpack(st.get_tensor(key), fmt.bits).T.contiguous()
+                zero = unpack(st.get_tensor(f"{name}.qzeros").T.contiguous(), fmt.bits) + 1  # v1: the file holds z - 1
+                scale = st.get_tensor(f"{name}.scales").to(fmt.torch_scale_dtype).float().T.contiguous()
+                n, k = codes.shape
+                folded = quantized_out_features(n, fmt.bits, fmt.chip, per_channel=True) == 0
+                out[name] = TpuQuantizedWeight(fmt, codes, scale, zero, torch.zeros(0, k), folded=folded)
+    return out
+
+
+def llm_convert_auto_command(model_dir: Path, fmt: TpuWeightFormat, seq_length: int, out_dir: Path) -> str:
+    """The TPU-MLIR command that compiles our GPTQ checkpoint (bits, group and dtype come from the checkpoint)."""
+    return shlex.join(["llm_convert.py", "-m", str(model_dir), "-s", str(seq_length), "-q", "auto",
+                       "-c", fmt.chip, "-o", str(out_dir)])

@@ -1,0 +1,121 @@
+"""GPTQ for the TPU: per block, Hessians of each subset's input, codes chosen by the solver on TPU-MLIR's grid.
+
+The result of every Linear goes to ``ctx.results`` (the pipeline fake-quantizes with it and the
+GPTQ checkpoint carries it to TPU-MLIR); the block's float weights are left as they were.
+Linears of one subset read the same input, so they share one Hessian and are solved as one
+matrix (rows concatenated). With ``true_sequential`` the subsets are processed in order and each
+Hessian is collected with the earlier subsets already quantized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from llmc_tpu.algorithms.gptq import Hessian, gptq_quantize, output_error
+from llmc_tpu.engine.blockwise import BlockInput, move
+from llmc_tpu.methods.base import BlockContext, Method
+from llmc_tpu.models.registry import Subset
+from llmc_tpu.tpu.rtn import TpuQuantizedWeight, fake_quantize
+
+log = logging.getLogger("llmc_tpu")
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def collect_hessians(block: nn.Module, subsets: list[Subset], inputs: list[BlockInput], device: torch.device,
+                     stop_early: bool = False) -> dict[str, Hessian]:
+    """Run the block on every batch and accumulate the Hessian of each subset's input (keyed by its first layer).
+
+    ``stop_early``: end each forward pass once the last subset's input is seen.
+    """
+    hessians: dict[str, Hessian] = {}
+    hooks = []
+    last = subsets[-1].layers[0]
+    for subset in subsets:
+        name = subset.layers[0]
+        linear = block.get_submodule(name)
+        hessians[name] = Hessian(linear.in_features, device)
+
+        def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
+            hessians[name].add(args[0])
+            if stop_early and name == last:
+                raise _Stop
+
+        hooks.append(linear.register_forward_pre_hook(hook))
+    try:
+        for inp in inputs:
+            kwargs = move(inp.kwargs, device)
+            args = kwargs.pop("_positional", ())
+            try:
+                block(inp.hidden.to(device), *args, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return hessians
+
+
+def _to_cpu(q: TpuQuantizedWeight) -> TpuQuantizedWeight:
+    return dataclasses.replace(q, codes=q.codes.cpu(), scale=q.scale.cpu(), zero=q.zero.cpu(), float_rows=q.float_rows.cpu())
+
+
+class GptqMethod(Method):
+    name = "GPTQ"
+    needs_calibration = True
+
+    def process_block(self, ctx: BlockContext) -> None:
+        block, spec = ctx.block, ctx.spec
+        originals = {n: block.get_submodule(n).weight.data for n in spec.linear_names}
+        notes = []
+        try:
+            if self.special["true_sequential"]:
+                for subset in spec.subsets:
+                    hessian = collect_hessians(block, [subset], ctx.inputs, ctx.device, stop_early=True)[subset.layers[0]]
+                    notes.append(self._solve(ctx, subset, hessian))
+                    for name in subset.layers:  # the next subsets see this one quantized
+                        linear = block.get_submodule(name)
+                        linear.weight.data = ctx.results[name].dequantize().to(linear.weight.device, linear.weight.dtype)
+            else:
+                hessians = collect_hessians(block, list(spec.subsets), ctx.inputs, ctx.device)
+                notes += [self._solve(ctx, s, hessians[s.layers[0]]) for s in spec.subsets]
+        finally:
+            for name, weight in originals.items():
+                block.get_submodule(name).weight.data = weight
+        ctx.report["gptq"] = notes
+
+    @torch.no_grad()
+    def _solve(self, ctx: BlockContext, subset: Subset, hessian: Hessian) -> dict[str, Any]:
+        """Quantize the subset's Linears as one matrix; record each Linear's result and output error."""
+        sp = self.special
+        weights = [ctx.block.get_submodule(n).weight.data.float() for n in subset.layers]
+        res = gptq_quantize(torch.cat(weights), hessian.h, ctx.fmt, blocksize=sp["blocksize"], percdamp=sp["percdamp"],
+                            actorder=sp["actorder"], static_groups=sp["static_groups"])
+        for w in res.warnings:
+            log.warning("block %d %s: %s", ctx.index, "/".join(subset.layers), w)
+        note: dict[str, Any] = {"layers": list(subset.layers), "tokens": hessian.n, "percdamp": res.percdamp,
+                                "err": {}, "err_rtn": {}}
+        row = 0
+        for name, w in zip(subset.layers, weights):
+            q = res.tpu_weight(slice(row, row + w.shape[0]))
+            row += w.shape[0]
+            note["err"][name] = output_error(w, q.dequantize(), hessian.h)
+            note["err_rtn"][name] = output_error(w, fake_quantize(w.to(ctx.fmt.handoff_dtype).float(), ctx.fmt), hessian.h)
+            if q.folded:
+                note.setdefault("folded_to_float", []).append(name)
+            ctx.results[name] = _to_cpu(q)
+        if res.warnings:
+            note["warnings"] = res.warnings
+        if res.dead_columns:
+            note["dead_columns"] = res.dead_columns
+        if res.zero_point_fixes:
+            note["zero_point_fixes"] = res.zero_point_fixes
+        return note
