@@ -1,0 +1,276 @@
+"""GPTQ: the solver on TPU-MLIR's grid, its checkpoint, and the pipeline end to end (CPU only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tiny_models import make_tiny_model
+
+from llmc_tpu.algorithms.gptq import GptqError, Hessian, gptq_quantize, handoff_grid, output_error
+from llmc_tpu.config import ConfigError, parse_config
+from llmc_tpu.export.gptq_checkpoint import CheckpointError, linear_tensors, pack, read_gptq_checkpoint, unpack
+from llmc_tpu.pipeline import Quantizer
+from llmc_tpu.tpu.rtn import TpuWeightFormat, quantize_weight
+
+W4 = TpuWeightFormat(4, 64)
+FORMATS = {
+    "W4BF16-g64": W4,
+    "W4BF16-g64-sym": TpuWeightFormat(4, 64, True),
+    "W8BF16-g64": TpuWeightFormat(8, 64),
+    "W4F16-g64": TpuWeightFormat(4, 64, False, "float16"),
+    "W4BF16-per-channel": TpuWeightFormat(4, 0),
+    "W8BF16-per-channel": TpuWeightFormat(8, 0, True),
+}
+
+
+def correlated_inputs(k: int, tokens: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Inputs with correlated channels of very different sizes (a Hessian far from the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(k) + 0.8 * torch.randn(k, k, generator=g) / k ** 0.5
+    return torch.randn(tokens, k, generator=g) @ mix * torch.linspace(0.1, 3.0, k)
+
+
+def weight(n: int = 128, k: int = 256, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def test_hessian_is_the_running_average_of_2_x_xT():
+    x = correlated_inputs(64, tokens=300)
+    h = Hessian(64)
+    for part in (x[:100].view(4, 25, 64), x[100:]):
+        h.add(part)
+    assert h.n == 300
+    torch.testing.assert_close(h.h, 2 / 300 * x.T @ x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_gptq_output_error_below_rtn(fmt_name):
+    fmt, w, x = FORMATS[fmt_name], weight(), correlated_inputs(256)
+    h = Hessian(256)
+    h.add(x)
+    res = gptq_quantize(w, h.h, fmt)
+    rtn = quantize_weight(w, fmt).dequantize()
+    err, err_rtn = output_error(w, res.dequantize(), h.h), output_error(w, rtn, h.h)
+    assert err < 0.9 * err_rtn, (err, err_rtn)
+    # the same through the explicit product: sum ||(W - Q) x||^2 / sum ||W x||^2
+    direct = float(((x @ (w - res.dequantize()).T) ** 2).sum() / ((x @ w.T) ** 2).sum())
+    assert err == pytest.approx(direct, rel=1e-3)
+
+
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+@pytest.mark.parametrize("order", ["natural", "actorder"])
+def test_identity_hessian_gives_tpu_rtn_code_for_code(fmt_name, order):
+    """No correlation, nothing to compensate: GPTQ is TPU-MLIR's RTN (codes, stored scales, zeros)."""
+    fmt, w = FORMATS[fmt_name], weight()
+    kw = {"actorder": True, "static_groups": True} if order == "actorder" else {}
+    res = gptq_quantize(w, torch.eye(256) * 3.0, fmt, percdamp=0.5, **kw)
+    rtn = quantize_weight(w, fmt)
+    assert res.zero_point_fixes == 0
+    if rtn.signed:  # W8 per channel: signed codes c are written as c + 128 with zero 128
+        assert torch.equal(res.codes - 128, rtn.codes) and bool((res.zero == 128).all())
+    else:
+        assert torch.equal(res.codes, rtn.codes) and torch.equal(res.zero, rtn.zero)
+    assert torch.equal(res.scale, rtn.scale)
+    assert torch.equal(res.dequantize(), rtn.dequantize())
+
+
+def assert_covered(res, w: torch.Tensor, g: int) -> None:
+    """Every weight within half a step of its code, on the fp32 grid the codes were rounded on."""
+    s = res.scale.repeat_interleave(g, dim=1)
+    grid = (res.codes.float() - res.zero.float().repeat_interleave(g, dim=1)) * s
+    assert bool(((grid - w).abs() <= s * (0.5 + 1e-4)).all())
+    assert int(res.codes.min()) >= 0 and int(res.codes.max()) <= res.fmt.qmax
+
+
+def test_zero_point_zero_is_never_produced():
+    """Groups whose TPU grid has z = 0 (all weights above -s/2) get z = 1 and a scale that still covers them."""
+    w = weight(64, 128)
+    w[:8, :64] = w[:8, :64].abs() + 0.01  # all positive: TPU RTN gives z = 0 there
+    w[8:16, 64:] = w[8:16, 64:].abs()  # non-negative, minimum close to 0
+    rtn = quantize_weight(w, W4)
+    assert int((rtn.zero == 0).sum()) == 16
+    with pytest.raises(CheckpointError, match="zero points must be in 1"):
+        linear_tensors("rtn", rtn)  # RTN's z = 0 cannot be written (v1 stores z - 1)
+    res = gptq_quantize(w, torch.eye(128), W4)
+    assert res.zero_point_fixes == 16 and int(res.zero.min()) >= 1
+    assert bool((res.zero[:8, 0] == 1).all()) and bool((res.zero[8:16, 1] == 1).all())
+    # with nothing to compensate, every weight rounds to its nearest step: the group is still covered (no clipping)
+    assert_covered(res, w, 64)
+    # and the result round-trips through the checkpoint tensors
+    t = linear_tensors("x", res.tpu_weight())
+    assert torch.equal(unpack(t["x.qzeros"].T.contiguous(), 4).T.contiguous() + 1, res.zero.T)
+
+
+def test_zero_point_fix_for_w8_per_channel_on_a_positive_matrix():
+    w = weight(64, 128).abs() + 0.001  # TPU W8 per channel: unsigned absmax/255, z = 0
+    res = gptq_quantize(w, torch.eye(128), FORMATS["W8BF16-per-channel"])
+    assert bool((res.zero == 1).all())
+    assert_covered(res, w, 128)
+
+
+def test_actorder_with_static_groups_keeps_the_grid_of_the_original_weights():
+    w, x = weight(), correlated_inputs(256, seed=3)
+    h = Hessian(256)
+    h.add(x)
+    plain = gptq_quantize(w, h.h, W4, static_groups=True)
+    act = gptq_quantize(w, h.h, W4, actorder=True, static_groups=True)
+    scale, zero, _ = handoff_grid(w, W4)
+    assert torch.equal(act.scale, scale) and torch.equal(act.zero, zero)  # groups stay natural: g_idx = i // G
+    rtn = output_error(w, quantize_weight(w, W4).dequantize(), h.h)
+    assert output_error(w, act.dequantize(), h.h) < rtn and output_error(w, plain.dequantize(), h.h) < rtn
+    with pytest.raises(ValueError, match="static groups"):
+        gptq_quantize(w, h.h, W4, actorder=True)
+    gptq_quantize(w, h.h, FORMATS["W4BF16-per-channel"], actorder=True)  # per channel: one group, nothing to reorder
+
+
+def test_blocksize_does_not_change_the_result():
+    """Lazy block updates are exact, group starts inside a block included (blocksize 48 vs G 64)."""
+    w, x = weight(), correlated_inputs(256, seed=4)
+    h = Hessian(256)
+    h.add(x)
+    ref = gptq_quantize(w, h.h, W4, blocksize=256)
+    for bs in (16, 48, 128):
+        other = gptq_quantize(w, h.h, W4, blocksize=bs)
+        assert float((other.codes == ref.codes).float().mean()) > 0.999
+
+
+def test_singular_hessian_recovers_with_a_warning():
+    x = torch.randn(500, 1) @ torch.randn(1, 128) * 10  # rank 1
+    h = Hessian(128)
+    h.add(x)
+    res = gptq_quantize(weight(64, 128), h.h, W4, percdamp=1e-9)
+    assert res.percdamp > 1e-9 and res.warnings and "Cholesky failed with percdamp 1e-09" in res.warnings[0]
+    assert int(res.codes.min()) >= 0 and int(res.codes.max()) <= 15
+    with pytest.raises(GptqError, match="Cholesky failed even with percdamp"):
+        gptq_quantize(weight(64, 128), -torch.eye(128), W4)
+    with pytest.raises(GptqError, match="NaN"):
+        gptq_quantize(weight(64, 128), torch.full((128, 128), float("nan")), W4)
+
+
+def test_dead_columns_keep_their_weights():
+    x = correlated_inputs(128)
+    x[:, 5] = 0
+    x[:, 70:72] = 0
+    h = Hessian(128)
+    h.add(x)
+    w = weight(64, 128)
+    res = gptq_quantize(w, h.h, W4)
+    assert res.dead_columns == 3
+    # a dead column is decoupled: no error reaches it, and its group (the first) keeps RTN's grid
+    assert torch.equal(res.codes[:, 5], quantize_weight(w, W4).codes[:, 5])
+
+
+def test_tiny_scales_survive_the_fp16_checkpoint():
+    """Below 2^-14 fp16 cannot hold every bf16 value: the scale used is one both hold, so file == TPU == fake-quant."""
+    w = weight(64, 128) * 1e-4
+    res = gptq_quantize(w, torch.eye(128), W4)
+    stored = res.scale.to(torch.bfloat16)
+    assert float(stored.float().min()) < 2 ** -14
+    assert torch.equal(stored.to(torch.float16).to(torch.bfloat16), stored)
+    file = linear_tensors("x", res.tpu_weight())["x.scales"]
+    assert file.dtype == torch.float16 and torch.equal(file.to(torch.bfloat16).T, stored)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_round_trips(bits):
+    g = torch.Generator().manual_seed(bits)
+    v = torch.randint(0, 1 << bits, (64, 24), generator=g, dtype=torch.int16)
+    v[-1] = (1 << bits) - 1  # top bits set: negative int32 words
+    words = pack(v, bits)
+    assert words.dtype == torch.int32 and words.shape == (64 * bits // 32, 24) and int(words.min()) < 0
+    assert torch.equal(unpack(words, bits), v)
+
+
+def gptq_config(model: Path, calib: Path, save: Path, **quant) -> dict:
+    return {
+        "model": {"path": str(model), "torch_dtype": "float32"},
+        "calib": {"name": "custom_txt", "path": str(calib), "n_samples": 8, "seq_len": 32},
+        "eval": {"name": "custom_ppl", "path": str(calib), "seq_len": 32, "bs": 4, "eval_pos": ["pretrain", "fake_quant"]},
+        "quant": {"method": "GPTQ", "quant_out": True, **quant},
+        "save": {"save_path": str(save), "save_fake": True},
+    }
+
+
+def test_config_refuses_what_the_checkpoint_cannot_carry():
+    base = {"model": {"path": "m"}, "save": {"save_path": "s"}}
+    with pytest.raises(ConfigError) as info:
+        parse_config({**base, "quant": {"method": "GPTQ", "special": {"actorder": True}}})
+    msg = str(info.value)
+    assert "quant.special.actorder" in msg and "static_groups: True" in msg
+    parse_config({**base, "quant": {"method": "GPTQ", "special": {"actorder": True, "static_groups": True}}})
+    parse_config({**base, "quant": {"method": "GPTQ", "special": {"actorder": True},
+                                    "weight": {"bit": 8, "symmetric": True, "granularity": "per_channel"}}})
+    with pytest.raises(ConfigError, match="save.save_trans.*gptq_tpu_model"):
+        parse_config({**base, "quant": {"method": "GPTQ"}, "save": {"save_path": "s", "save_trans": True}})
+    assert parse_config({**base, "quant": {"method": "GPTQ"}}).save.save_trans is False
+    assert parse_config({**base, "quant": {"method": "RTN"}}).save.save_trans is True
+
+
+def independent_dequant(folder: Path, name: str, npu_num: int = 64) -> torch.Tensor:
+    """Re-read one Linear from the GPTQ files by the format description alone; the weight the TPU uses (fp32)."""
+    cfg = json.loads((folder / "config.json").read_text())
+    bits, group = cfg["quantization_config"]["bits"], cfg["quantization_config"]["group_size"]
+    per, mask = 32 // bits, (1 << bits) - 1
+    with safe_open(str(folder / "model.safetensors"), framework="np") as st:
+        qweight = st.get_tensor(f"{name}.qweight").view(np.uint32)  # [K/per, N]
+        qzeros = st.get_tensor(f"{name}.qzeros").view(np.uint32)  # [G, N/per]
+        scales = st.get_tensor(f"{name}.scales")  # fp16 [G, N]
+        g_idx = st.get_tensor(f"{name}.g_idx")
+    k, n = qweight.shape[0] * per, qweight.shape[1]
+    q = np.zeros((k, n), np.int64)
+    for p in range(per):  # element p of word i: in-feature per * i + p, bits p*bits..
+        q[p::per] = (qweight >> np.uint32(bits * p)) & mask
+    z = np.zeros((qzeros.shape[0], n), np.int64)
+    for p in range(per):  # along the outputs the same way; v1 stores zero - 1
+        z[:, p::per] = (qzeros >> np.uint32(bits * p)) & mask
+    z += 1
+    assert np.array_equal(g_idx, np.arange(k) // (k if group == -1 else group))
+    tpu_scale = torch.from_numpy(scales.astype(np.float32)).to(torch.bfloat16 if cfg["dtype"] == "bfloat16" else torch.float16)
+    rows = torch.from_numpy((q - z[g_idx]).astype(np.float32)) * tpu_scale.float()[torch.from_numpy(g_idx).long()]
+    w = rows.T.contiguous()  # [N, K]
+    if n % npu_num:  # TPU-MLIR folds such a Linear to bf16/f16 from the codes
+        w = w.to(tpu_scale.dtype).float()
+    return w
+
+
+@pytest.mark.parametrize("case", ["w4-g64", "w8-per-channel-sym-actorder", "w4-g32-folded"])
+def test_pipeline_end_to_end_checkpoint_equals_fake_quant(case, tmp_path, eval_txt):
+    kw: dict = {"heads": 4, "kv_heads": 1} if case == "w4-g32-folded" else {}
+    model = make_tiny_model(tmp_path / "m", "llama", **kw)  # folded: k/v have 32 outputs < NPU_NUM 64
+    quant = {"w4-g64": {},
+             "w8-per-channel-sym-actorder": {"weight": {"bit": 8, "symmetric": True, "granularity": "per_channel"},
+                                             "special": {"actorder": True, "true_sequential": False}},
+             "w4-g32-folded": {"weight": {"group_size": 32}}}[case]
+    save = tmp_path / "out"
+    report = Quantizer(parse_config(gptq_config(model, eval_txt, save, **quant)), progress=False).run()
+    ckpt = save / "gptq_tpu_model"
+    assert sorted(p.name for p in save.iterdir()) == ["fake_quant_model", "gptq_tpu_model", "report.json", "report.md"]
+    assert "-q auto" in report.next_steps[0] and str(ckpt) in report.next_steps[0]
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["dtype"] == "bfloat16" and cfg["quantization_config"]["quant_method"] == "gptq"
+    assert cfg["quantization_config"]["desc_act"] is False and cfg["quantization_config"]["checkpoint_format"] == "gptq"
+    assert (ckpt / "tokenizer.json").exists()
+    floats = load_file(ckpt / "model.safetensors")
+    assert floats["model.embed_tokens.weight"].dtype == torch.bfloat16 and "model.layers.0.mlp.up_proj.weight" not in floats
+    fake = load_file(save / "fake_quant_model" / "model.safetensors")
+    names = [f"model.layers.{i}.{n}" for i in range(2) for n in
+             ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    for name in names:  # the fake-quant model (saved in bf16) holds exactly what the checkpoint gives the TPU
+        ours = independent_dequant(ckpt, name)
+        assert torch.equal(fake[f"{name}.weight"], ours.to(torch.bfloat16)), name
+    read = read_gptq_checkpoint(ckpt, TpuWeightFormat(**{k: report.tpu_format[k] for k in ("bits", "group_size", "symmetric", "scale_dtype", "chip")}))
+    assert sorted(read) == sorted(names)
+    folded = sorted(n for n, q in read.items() if q.folded)
+    assert folded == report.quantized["folded_to_float"]
+    if case == "w4-g32-folded":
+        assert folded == [f"model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "kv"]
+    for block in report.method["blocks"]:  # GPTQ's output error is below RTN's on every Linear
+        for subset in block["gptq"]:
+            for name, err in subset["err"].items():
+                assert err < subset["err_rtn"][name], (block["block"], name)
