@@ -27,11 +27,9 @@ from llmc_tpu.methods import METHODS
 from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.loading import LoadedModel, load_model
 from llmc_tpu.models.registry import ModelSpec
+from llmc_tpu.preflight import preflight
 from llmc_tpu.report import RunReport, llm_convert_command
-from llmc_tpu.tpu.chips import NPU_NUM, quantized_out_features
 from llmc_tpu.tpu.rtn import TpuWeightFormat
-
-PER_CHANNEL_K_TILE = 128  # TPU-MLIR lays per-channel scales out in tiles of 128 input features
 
 log = logging.getLogger("llmc_tpu")
 
@@ -51,28 +49,6 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"run.device {name!r}: no CUDA device here; use auto or cpu")
     return device
-
-
-def check_shapes(model: torch.nn.Module, spec: ModelSpec, fmt: TpuWeightFormat) -> None:
-    """Refuse shapes TPU-MLIR cannot compile (or compiles wrongly) before any work is done."""
-    problems = []
-    for i, block in enumerate(blocks_of(model, spec)):
-        for name in spec.linear_names:
-            linear = block.get_submodule(name)
-            where = f"{spec.blocks}.{i}.{name} (in_features {linear.in_features}, out_features {linear.out_features})"
-            if not fmt.per_channel and linear.in_features % fmt.group_size:
-                problems.append(f"quant.weight.group_size {fmt.group_size} does not divide the input size of {where}; "
-                                "TPU-MLIR needs K % group_size == 0")
-            if fmt.per_channel and linear.in_features % PER_CHANNEL_K_TILE:
-                problems.append(f"per_channel needs in_features to be a multiple of {PER_CHANNEL_K_TILE} "
-                                f"(TPU-MLIR re-tiles per-channel scales by {PER_CHANNEL_K_TILE}): {where}")
-            if fmt.per_channel and fmt.bits == 8 and quantized_out_features(linear.out_features, 8, fmt.chip, True) == 0:
-                problems.append(f"W8 per_channel on {fmt.chip}: out_features is not a multiple of {NPU_NUM[fmt.chip]}, and "
-                                f"TPU-MLIR 1.30.2 folds such a Linear with its signed codes read as unsigned (wrong weights): "
-                                f"{where}; use per_group")
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise PipelineError("; ".join(problems[:3]) + more)
 
 
 def _head_dim(config) -> int:
@@ -108,12 +84,12 @@ class Quantizer:
     # -- stages -------------------------------------------------------------------------------
     def run(self) -> RunReport:
         cfg = self.cfg
-        out = OutputDir(cfg.save.save_path, self.overwrite)  # refuse an existing folder before any work
+        preflight(cfg, self.fmt, self.overwrite, METHODS[cfg.quant.method].needs_calibration)  # every problem, before any work
+        out = OutputDir(cfg.save.save_path, self.overwrite)
         try:
             with self.timer("load"):
                 loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype,
                                     cfg.model.tokenizer_mode, cfg.model.trust_remote_code)
-            check_shapes(loaded.model, loaded.spec, self.fmt)
             self.device = pick_device(cfg.run.device)
             self._describe(loaded)
             eval_windows = self._eval_windows(loaded)

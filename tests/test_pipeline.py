@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from llmc_tpu.config import parse_config
 from llmc_tpu.export.output_dir import OutputExistsError
-from llmc_tpu.pipeline import PipelineError, Quantizer
+from llmc_tpu.pipeline import Quantizer
+from llmc_tpu.preflight import PreflightError
 from llmc_tpu.tpu.rtn import TpuWeightFormat, quantize_weight
 from tiny_models import make_tiny_model
 
@@ -75,7 +76,7 @@ def test_existing_save_path_is_refused_and_overwrite_replaces(tmp_path, tiny_lla
     save.mkdir()
     (save / "mine.txt").write_text("user data")
     cfg = parse_config(config(tiny_llama, eval_txt, save))
-    with pytest.raises(OutputExistsError, match="already exists.*--overwrite"):
+    with pytest.raises(PreflightError, match="already exists.*--overwrite"):
         Quantizer(cfg, progress=False).run()
     assert (save / "mine.txt").read_text() == "user data"
     Quantizer(cfg, overwrite=True, progress=False).run()
@@ -86,7 +87,7 @@ def test_existing_save_path_is_refused_and_overwrite_replaces(tmp_path, tiny_lla
 def test_failed_run_leaves_nothing(tmp_path, tiny_llama, eval_txt):
     save = tmp_path / "out"
     cfg = parse_config(config(tiny_llama, eval_txt, save, weight={"group_size": 96}))
-    with pytest.raises(PipelineError, match="group_size 96 does not divide"):
+    with pytest.raises(PreflightError, match="group_size 96 does not divide"):
         Quantizer(cfg, progress=False).run()
     assert list(tmp_path.iterdir()) == []
 
@@ -94,13 +95,13 @@ def test_failed_run_leaves_nothing(tmp_path, tiny_llama, eval_txt):
 def test_shapes_tpu_mlir_gets_wrong_are_refused(tmp_path, eval_txt):
     model = make_tiny_model(tmp_path / "m", "llama", hidden=128, heads=4, kv_heads=1)  # k/v out 32
     cfg = config(model, eval_txt, tmp_path / "out", weight={"bit": 8, "symmetric": True, "granularity": "per_channel"})
-    with pytest.raises(PipelineError, match="signed codes read as unsigned"):
+    with pytest.raises(PreflightError, match="signed codes read as unsigned"):
         Quantizer(parse_config(cfg), progress=False).run()
     cfg["run"] = {"chip": "bm1688"}  # 32 NPUs: k/v keep their codes
     Quantizer(parse_config(cfg), progress=False).run()
     odd = make_tiny_model(tmp_path / "odd", "llama", hidden=192, heads=3, kv_heads=1)  # K = 192
     cfg = config(odd, eval_txt, tmp_path / "out2", weight={"bit": 4, "granularity": "per_channel"})
-    with pytest.raises(PipelineError, match="multiple of 128"):
+    with pytest.raises(PreflightError, match="multiple of 128"):
         Quantizer(parse_config(cfg), progress=False).run()
 
 

@@ -1,0 +1,133 @@
+"""Check everything that can be checked before the first block runs, and report every problem at once.
+
+Reads only config.json and the safetensors headers (no weights are loaded): the model type, the
+weight files, the Linear shapes against the TPU format, the data paths, and the save path
+(free, writable, enough disk for the outputs asked for).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from llmc_tpu.config.schema import RunConfig
+from llmc_tpu.data.text import DataError, resolve_path
+from llmc_tpu.models.loading import ModelLoadError, resolve_model_path, resolve_spec
+from llmc_tpu.models.registry import ModelSpec
+from llmc_tpu.tpu.chips import NPU_NUM, quantized_out_features
+from llmc_tpu.tpu.rtn import TpuWeightFormat
+
+PER_CHANNEL_K_TILE = 128  # TPU-MLIR lays per-channel scales out in tiles of 128 input features
+_MAX_SHAPE_PROBLEMS = 3
+
+
+class PreflightError(RuntimeError):
+    """Every problem found before the run, one per line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__(f"{len(problems)} problem(s) found before starting:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def weight_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], int, list[str]]:
+    """Tensor shapes and total bytes from the safetensors headers; problems for unreadable files."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    total, problems = 0, []
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        return shapes, 0, [f"model.path {folder}: no *.safetensors weights (pickled .bin weights are not loaded, for safety)"]
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for key in st.keys():
+                    shapes[key] = tuple(st.get_slice(key).get_shape())
+            total += f.stat().st_size
+        except Exception as exc:  # corrupt header, truncated file, wrong format
+            problems.append(f"model.path: {f.name} is not a readable safetensors file ({str(exc).splitlines()[0]})")
+    return shapes, total, problems
+
+
+def shape_problems(shapes: dict[str, tuple[int, ...]], spec: ModelSpec, fmt: TpuWeightFormat, n_blocks: int) -> list[str]:
+    """Linear shapes TPU-MLIR cannot compile, or compiles wrongly, with this format."""
+    problems = []
+    for i in range(n_blocks):
+        for name in spec.linear_names:
+            key = f"{spec.blocks}.{i}.{name}.weight"
+            if key not in shapes:
+                problems.append(f"model.path: weight {key} is missing from the safetensors files")
+                continue
+            n, k = shapes[key]
+            where = f"{spec.blocks}.{i}.{name} ([{n}, {k}])"
+            if not fmt.per_channel and k % fmt.group_size:
+                problems.append(f"quant.weight.group_size {fmt.group_size} does not divide in_features of {where}; "
+                                "TPU-MLIR needs K % group_size == 0")
+            if fmt.per_channel and k % PER_CHANNEL_K_TILE:
+                problems.append(f"quant.weight.granularity per_channel needs in_features to be a multiple of "
+                                f"{PER_CHANNEL_K_TILE} (TPU-MLIR re-tiles per-channel scales by {PER_CHANNEL_K_TILE}): {where}")
+            if fmt.per_channel and fmt.bits == 8 and quantized_out_features(n, 8, fmt.chip, True) == 0:
+                problems.append(f"W8 per_channel on {fmt.chip}: out_features of {where} is not a multiple of "
+                                f"{NPU_NUM[fmt.chip]}; TPU-MLIR 1.30.2 folds such a Linear with its signed codes read as "
+                                "unsigned (wrong weights); use per_group")
+    if len(problems) > _MAX_SHAPE_PROBLEMS:
+        problems = problems[:_MAX_SHAPE_PROBLEMS] + [f"... and {len(problems) - _MAX_SHAPE_PROBLEMS} more shape problems"]
+    return problems
+
+
+def _n_blocks(folder: Path) -> int:
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    cfg = cfg.get("text_config", cfg)
+    return int(cfg.get("num_hidden_layers", 0))
+
+
+def save_path_problems(save_path: str, overwrite: bool, needed_bytes: int) -> list[str]:
+    final = Path(save_path).expanduser().resolve()
+    if final.exists() and not overwrite:
+        return [f"save.save_path {str(final)!r} already exists; choose another path or pass --overwrite to replace it"]
+    parent = final.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        return [f"save.save_path: cannot write in {parent}"]
+    free = shutil.disk_usage(parent).free
+    if free < needed_bytes:
+        return [f"save.save_path: {free / 2**30:.2f} GiB free in {parent}, the outputs need about "
+                f"{needed_bytes / 2**30:.2f} GiB"]
+    return []
+
+
+def preflight(cfg: RunConfig, fmt: TpuWeightFormat, overwrite: bool, needs_calibration: bool) -> ModelSpec:
+    """Raise PreflightError listing every problem; return the model's registry entry when all is well."""
+    problems: list[str] = []
+    spec = None
+    try:
+        folder = resolve_model_path(cfg.model.path)
+        spec, _ = resolve_spec(folder, cfg.model.type)
+        shapes, weight_bytes, file_problems = weight_shapes(folder)
+        problems += file_problems
+        if not file_problems and shapes:
+            problems += shape_problems(shapes, spec, fmt, _n_blocks(folder))
+    except ModelLoadError as exc:
+        problems.append(str(exc))
+        weight_bytes = 0
+    if needs_calibration:
+        try:
+            resolve_path("calib", cfg.calib.name, cfg.calib.path)
+        except DataError as exc:
+            problems.append(str(exc))
+    if cfg.eval.eval_pos:
+        names = [cfg.eval.name] if isinstance(cfg.eval.name, str) else cfg.eval.name
+        paths = cfg.eval.path if isinstance(cfg.eval.path, list) else [cfg.eval.path] * len(names)
+        for name, path in zip(names, paths):
+            try:
+                resolve_path("eval", name, path)
+            except DataError as exc:
+                problems.append(str(exc))
+    exports = sum(1 for k, v in cfg.save.model_dump().items() if k.startswith("save_") and k != "save_path" and v)
+    problems += save_path_problems(cfg.save.save_path, overwrite, int(weight_bytes * max(exports, 1) * 1.1))
+    if problems:
+        raise PreflightError(problems)
+    return spec
