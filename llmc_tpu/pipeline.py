@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from llmc_tpu.config.load import tpu_format
 from llmc_tpu.config.schema import RunConfig
-from llmc_tpu.data.text import eval_text
+from llmc_tpu.data.text import DataError, eval_text
 from llmc_tpu.engine.blockwise import BlockInput, blocks_of, capture_block_inputs, run_block
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
 from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
@@ -179,7 +179,10 @@ class Quantizer:
                 text = eval_text(name, path)
                 tokens = loaded.tokenizer(text, return_tensors="pt").input_ids[0]
                 key = name if name not in ("custom_ppl", "custom_txt") else Path(path).stem
-                out[key] = windows(tokens, ev.seq_len, max_windows=256 if name == "c4" else None)
+                try:
+                    out[key] = windows(tokens, ev.seq_len, max_windows=256 if name == "c4" else None)
+                except ValueError as exc:
+                    raise DataError(f"eval {name} ({path}): {exc}") from None
                 self.report.data.setdefault("eval", {})[key] = {
                     "name": name, "path": path, "tokens": int(tokens.numel()),
                     "windows": int(out[key].shape[0]), "seq_len": ev.seq_len}

@@ -90,6 +90,8 @@ def save_path_problems(save_path: str, overwrite: bool, needed_bytes: int) -> li
     parent = final.parent
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        return [f"save.save_path: {parent} is a file, not a folder"]
     if not os.access(parent, os.W_OK):
         return [f"save.save_path: cannot write in {parent}"]
     free = shutil.disk_usage(parent).free
@@ -126,6 +128,11 @@ def preflight(cfg: RunConfig, fmt: TpuWeightFormat, overwrite: bool, needs_calib
                 resolve_path("eval", name, path)
             except DataError as exc:
                 problems.append(str(exc))
+    if cfg.run.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            problems.append(f"run.device {cfg.run.device!r}: no CUDA device here; use auto or cpu")
     exports = sum(1 for k, v in cfg.save.model_dump().items() if k.startswith("save_") and k != "save_path" and v)
     problems += save_path_problems(cfg.save.save_path, overwrite, int(weight_bytes * max(exports, 1) * 1.1))
     if problems:
