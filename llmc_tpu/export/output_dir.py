@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from llmc_tpu.export.manifest import write_manifest
+
 
 class OutputExistsError(FileExistsError):
     pass
@@ -37,7 +39,8 @@ class OutputDir:
         return self.tmp.joinpath(*parts)
 
     def commit(self) -> Path:
-        """Move the finished folder into place (replacing an old one only now, when asked to)."""
+        """Write the checksum manifest and move the finished folder into place (replacing an old one only now, when asked to)."""
+        write_manifest(self.tmp)
         old = None
         if self.final.exists():
             if not self.overwrite:
