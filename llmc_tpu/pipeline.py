@@ -51,6 +51,21 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def check_finite_weights(block: torch.nn.Module, spec: ModelSpec, prefix: str, method: str) -> None:
+    """A NaN/Inf weight after the method is named with its block and layer (not found at the end as a NaN PPL)."""
+    for name in spec.linear_names:
+        if not torch.isfinite(block.get_submodule(name).weight).all():
+            raise PipelineError(f"{prefix}.{name}: the weight has NaN/Inf after {method}; check the calibration data "
+                                "and the model's float weights")
+
+
+def check_finite_outputs(inputs: list[BlockInput], prefix: str) -> None:
+    for i, inp in enumerate(inputs):
+        if not torch.isfinite(inp.hidden).all():
+            raise PipelineError(f"{prefix}: NaN/Inf in the block's outputs (calibration batch {i}); the model overflows "
+                                "in its dtype: try model.torch_dtype: float32")
+
+
 def _head_dim(config) -> int:
     head_dim = getattr(config, "head_dim", None)
     return head_dim or config.hidden_size // config.num_attention_heads
@@ -141,6 +156,7 @@ class Quantizer:
             block.to(self.device)
             ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs, head_dim=_head_dim(model.config))
             method.process_block(ctx)
+            check_finite_weights(block, spec, prefix, method.name)
             block_results = quantize_block(block, spec, self.fmt, prefix, ctx.results)
             results.update(block_results)
             if inputs is not None and i + 1 < len(blocks):
@@ -149,6 +165,7 @@ class Quantizer:
                         inputs = run_block(block, inputs, self.device)
                 else:
                     inputs = run_block(block, inputs, self.device)
+                check_finite_outputs(inputs, prefix)
             block.to("cpu")
             if ctx.report:
                 per_block.append({"block": i, **ctx.report})

@@ -176,3 +176,21 @@ def test_f16_mode_hands_over_float16(tmp_path, tiny_llama, eval_txt):
     fmt = TpuWeightFormat(scale_dtype="float16")
     q = quantize_weight(tw[name].float(), fmt)
     assert q.stored_scale.dtype == torch.float16
+
+
+def test_nan_is_named_with_block_and_layer(tmp_path, eval_txt):
+    from safetensors.torch import save_file
+
+    from llmc_tpu.pipeline import PipelineError
+
+    folder = make_tiny_model(tmp_path / "m", "llama", dtype=torch.float32)
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = config(folder, eval_txt, tmp_path / "out")
+    cfg["quant"]["method"] = "Awq"
+    cfg["calib"] = {"name": "custom_txt", "path": str(eval_txt), "n_samples": 4, "seq_len": 32}
+    cfg["eval"]["eval_pos"] = []
+    with pytest.raises(PipelineError, match=r"model.layers.1(.mlp.up_proj: the weight has NaN/Inf| NaN/Inf in the block's outputs)"):
+        Quantizer(parse_config(cfg), progress=False).run()
+    assert not (tmp_path / "out").exists()
