@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _torch_oom() -> type[BaseException]:
+    import torch
+
+    return torch.OutOfMemoryError  # CUDA out of memory (a RuntimeError, not a MemoryError)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -143,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; nothing was written to save.save_path", file=sys.stderr)
         return 130
+    except (MemoryError, _torch_oom()) as exc:
+        print(f"error: out of memory ({str(exc).splitlines()[0] if str(exc) else 'host RAM'}); lower calib.bs, "
+              "calib.n_samples, calib.seq_len or eval.bs, or set eval.inference_per_block: true to stream the model "
+              "through the device one block at a time", file=sys.stderr)
+        return EXIT_FAILED
     except Exception as exc:  # known failures print one line; unknown ones keep the traceback under -v
         from llmc_tpu.errors import USER_ERRORS
 

@@ -199,3 +199,18 @@ def test_every_problem_is_listed_at_once(world, tmp_path, capsys):
     rc, err = run(["-q", "quantize", "--config", str(tmp_path / "cfg.yml")], capsys)
     assert rc == 1 and "6 problem(s)" in err  # 3 shape problems + "and more", the data, the save path
     assert "group_size 96" in err and "missing.txt" in err and "already exists" in err
+
+
+def test_out_of_memory_says_what_to_lower(world, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from llmc_tpu import pipeline
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(pipeline, "whole_model_logits", boom)
+    cfg = fill(BASE, {**world, "save": str(tmp_path / "out")})
+    (tmp_path / "cfg.yml").write_text(yaml.safe_dump(cfg))
+    rc, err = run(["-q", "quantize", "--config", str(tmp_path / "cfg.yml")], capsys)
+    assert rc == 1 and "out of memory (CUDA out of memory" in err and "eval.inference_per_block" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
