@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from llmc_tpu.export.manifest import write_manifest
@@ -20,7 +19,7 @@ class OutputExistsError(FileExistsError):
 
 
 class OutputDir:
-    def __init__(self, final: str | Path, overwrite: bool = False) -> None:
+    def __init__(self, final: str | Path, overwrite: bool = False, resume: bool = False) -> None:
         self.final = Path(final).expanduser().resolve()
         self.overwrite = overwrite
         if self.final.exists() and not overwrite:
@@ -30,10 +29,12 @@ class OutputDir:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(self.final.parent, os.W_OK):
             raise PermissionError(f"save.save_path: cannot write in {self.final.parent}")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.final.name}.partial-", dir=self.final.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        self.tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder
+        # A fixed name, so that an interrupted run can be found and resumed (--resume).
+        self.tmp = self.final.with_name(f".{self.final.name}.partial")
+        self.resumed = self.tmp.exists()
+        if self.resumed and not resume:
+            raise OutputExistsError(f"an interrupted run left {self.tmp}; pass --resume to continue it, or delete it")
+        self.tmp.mkdir(exist_ok=True)
 
     def path(self, *parts: str) -> Path:
         return self.tmp.joinpath(*parts)

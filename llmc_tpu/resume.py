@@ -1,0 +1,105 @@
+"""Per-block checkpoints under the output's temp folder, so ``--resume`` continues a killed run.
+
+After each block the block's transformed float weights and its quantization results are
+written (safetensors; ``state.json`` last, so a block counts as done only once both files are
+complete). A resumed run restores the finished blocks, recomputes the next block's inputs by
+running the restored blocks (deterministic), and goes on: its outputs are bit-identical to an
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llmc_tpu.fake_quant import QuantResults
+from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat
+
+_TENSORS = ("codes", "scale", "zero", "float_rows")
+
+
+class ResumeError(RuntimeError):
+    pass
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    """What must not change between a run and its resumption (everything but where it is saved)."""
+    cfg = json.loads(json.dumps(config))
+    cfg.get("save", {}).pop("save_path", None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _atomic_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Checkpoints:
+    """Read and write the per-block state of one run."""
+
+    def __init__(self, folder: Path, config: dict[str, Any]) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fp = fingerprint(config)
+        state_file = folder / "state.json"
+        if state_file.exists():
+            self.state = json.loads(state_file.read_text(encoding="utf-8"))
+            if self.state.get("fingerprint") != self.fp:
+                raise ResumeError("the interrupted run used a different config; remove its temp folder "
+                                  f"({folder.parent}) or run with the same config")
+        else:
+            self.state = {"fingerprint": self.fp, "done_blocks": 0, "evals": {}, "block_reports": []}
+
+    @property
+    def done_blocks(self) -> int:
+        return int(self.state["done_blocks"])
+
+    def _commit(self) -> None:
+        _atomic_json(self.folder / "state.json", self.state)
+
+    # -- evaluations -----------------------------------------------------------------------------
+    def save_eval(self, pos: str, ppl: dict[str, float], predictions: dict[str, torch.Tensor | None]) -> None:
+        preds = {k: v for k, v in predictions.items() if v is not None}
+        if preds:
+            save_file({k: v.contiguous() for k, v in preds.items()}, str(self.folder / f"eval_{pos}.safetensors"))
+        self.state["evals"][pos] = ppl
+        self._commit()
+
+    def load_eval(self, pos: str) -> tuple[dict[str, float], dict[str, torch.Tensor]] | None:
+        if pos not in self.state["evals"]:
+            return None
+        f = self.folder / f"eval_{pos}.safetensors"
+        return self.state["evals"][pos], (load_file(str(f)) if f.exists() else {})
+
+    # -- blocks ----------------------------------------------------------------------------------
+    def save_block(self, index: int, block: nn.Module, results: QuantResults, report: dict[str, Any]) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()},
+                  str(self.folder / f"block_{index}.safetensors"))
+        tensors, meta = {}, {}
+        for name, r in results.items():
+            for field in _TENSORS:
+                tensors[f"{name}::{field}"] = getattr(r, field).contiguous()
+            meta[name] = {"signed": r.signed, "folded": r.folded, "fmt": r.fmt.__dict__}
+        save_file(tensors, str(self.folder / f"results_{index}.safetensors"), metadata={"meta": json.dumps(meta)})
+        self.state["done_blocks"] = index + 1
+        self.state["block_reports"].append(report)
+        self._commit()
+
+    def restore_block(self, index: int, block: nn.Module) -> QuantResults:
+        block.load_state_dict(load_file(str(self.folder / f"block_{index}.safetensors")))
+        path = str(self.folder / f"results_{index}.safetensors")
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            meta = json.loads(f.metadata()["meta"])
+        tensors = load_file(path)
+        return {name: TpuQuantizedWeight(TpuWeightFormat(**m["fmt"]), *(tensors[f"{name}::{fld}"] for fld in _TENSORS),
+                                         signed=m["signed"], folded=m["folded"]) for name, m in meta.items()}
