@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISMATCH = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISMATCH, EXIT_EXPORT_FAILED = 0, 1, 2, 3, 4
 
 EPILOG = """\
 examples:
@@ -15,7 +15,8 @@ examples:
   llmc-tpu check-config my.yml                                 # validate, print every resolved default
   llmc-tpu verify ./save/demo_rtn                              # compile with TPU-MLIR, compare code for code
 
-exit codes: 0 ok, 1 run failed, 2 bad config or arguments, 3 verify found mismatches
+exit codes: 0 ok, 1 run failed, 2 bad config or arguments, 3 verify found mismatches,
+            4 run written but a requested GPU export failed (see report.md "GPU exports")
 """
 
 log = logging.getLogger("llmc_tpu")
@@ -52,7 +53,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     report = Quantizer(cfg, overwrite=args.overwrite, progress=not args.quiet).run()
     print(report.summary())
-    return EXIT_OK
+    return EXIT_EXPORT_FAILED if report.failed_exports else EXIT_OK
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from llmc_tpu.data.text import DataError, eval_text
 from llmc_tpu.engine.blockwise import BlockInput, blocks_of, capture_block_inputs, run_block
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
 from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
+from llmc_tpu.export.formats import EXPORTS, export_options, write_exports
 from llmc_tpu.export.gptq_checkpoint import FOLDER as GPTQ_FOLDER
 from llmc_tpu.export.gptq_checkpoint import llm_convert_auto_command, save_gptq_checkpoint
 from llmc_tpu.export.hf_folder import save_hf_folder
@@ -129,6 +130,15 @@ class Quantizer:
                     save_gptq_checkpoint(loaded.model, loaded.tokenizer, loaded.path, out.path(GPTQ_FOLDER), results,
                                          self.fmt, meta={"damp_percent": cfg.quant.special["percdamp"], **cfg.quant.special})
                 self.report.outputs[GPTQ_FOLDER] = str(out.final / GPTQ_FOLDER)
+            gpu_exports = [key for key in EXPORTS if getattr(cfg.save, key)]
+            if gpu_exports:  # AutoAWQ / GPTQ / compressed-tensors folders; a failed one is reported, the rest written
+                with self.timer("save"):
+                    opts = export_options(self.fmt, loaded.model, results, cfg.save.gptq_checkpoint_format,
+                                          cfg.quant.method, cfg.quant.special)
+                    self.report.exports = write_exports(loaded.model, loaded.tokenizer, loaded.path, results,
+                                                        gpu_exports, opts, out.tmp, out.final)
+                self.report.outputs.update({EXPORTS[k].folder: e["folder"] for k, e in self.report.exports.items()
+                                            if e["status"] == "written"})
             if cfg.eval.eval_token_consist and "pretrain" in preds and "fake_quant" in preds:
                 for name in preds["fake_quant"]:
                     self.report.token_consistency[name] = token_consistency(preds["pretrain"][name], preds["fake_quant"][name])

@@ -43,6 +43,7 @@ class RunReport:
     method: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    exports: dict[str, dict[str, Any]] = field(default_factory=dict)  # GPU exports: folder, status, serving kernels
     next_steps: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=versions)
 
@@ -72,10 +73,33 @@ class RunReport:
         if self.outputs:
             lines.append("outputs:")
             lines += [f"  {k}: {v}" for k, v in self.outputs.items()]
+        for key in self.failed_exports:
+            lines.append(f"WARNING: {key} failed, not written: {self.exports[key]['error']}")
         if self.next_steps:
             lines.append("next:")
             lines += [f"  {s}" for s in self.next_steps]
         return "\n".join(lines)
+
+    @property
+    def failed_exports(self) -> list[str]:
+        return [k for k, v in self.exports.items() if v.get("status") == "failed"]
+
+    def exports_markdown(self) -> list[str]:
+        """The "GPU exports" section: each export's folder (or why it failed) and which kernels can serve it."""
+        if not self.exports:
+            return []
+        lines = ["## GPU exports", ""]
+        for key, e in self.exports.items():
+            if e.get("status") == "failed":
+                lines += [f"### {key}: FAILED", "", e["error"], ""]
+                continue
+            lines += [f"### {key}: `{e['folder']}`", "", f"{e['format']}; {e['weights']}; {e['linears']} Linears.", ""]
+            if e.get("note"):
+                lines += [e["note"], ""]
+            lines += ["| engine | kernel | serves it | why |", "| --- | --- | --- | --- |"]
+            lines += [f"| {s['engine']} | {s['kernel']} | {'yes' if s['ok'] else 'no'} | {s['why']} |" for s in e["serving"]]
+            lines.append("")
+        return lines
 
     def write(self, folder: Path) -> None:
         (folder / "report.json").write_text(json.dumps(self.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
@@ -89,6 +113,7 @@ class RunReport:
             f"{self.config['quant']['method']}; TPU format {self.tpu_format.get('name')} on {self.tpu_format.get('chip')}.", "",
             "## Perplexity", "", self.ppl_table(), "",
             "## Next steps", "", *[f"    {s}" for s in self.next_steps], "",
+            *self.exports_markdown(),
             "## Timings (s)", "", *[f"- {k}: {v:.2f}" for k, v in self.timings_s.items()], "",
             "## Resolved config (every default filled)", "", "```json", cfg, "```", "",
             "## Versions", "", *[f"- {k}: {v}" for k, v in self.versions.items()], "",

@@ -30,8 +30,7 @@ def test_every_config_key_is_documented_and_every_documented_key_exists():
                 real |= {f"{section}.{key}.{k}" for k in f.annotation.model_fields}
             else:
                 real.add(f"{section}.{key}")
-    undocumented_ok = {"save.save_vllm", "save.save_sgl", "save.save_autoawq", "save.save_lightllm", "save.save_mlcllm",
-                       "save.save_trtllm", "quant.weight.calib_algo", "quant.quant_objects", "calib.download",
+    undocumented_ok = {"save.save_lightllm", "save.save_mlcllm", "save.save_trtllm", "quant.weight.calib_algo", "quant.quant_objects", "calib.download",
                        "calib.seed", "calib.padding", "calib.apply_chat_template", "calib.add_answer", "eval.download",
                        "eval.type", "run.task_name", "run.task_type"}
     assert documented <= real, documented - real

@@ -150,9 +150,13 @@ def _check_values(cfg: RunConfig) -> list[Problem]:
     problems = []
     if cfg.calib.bs == 0 or cfg.calib.bs < -1:
         problems.append(Problem("calib.bs", "must be -1 (all samples in one batch) or a positive batch size", cfg.calib.bs))
-    for key in ("save_vllm", "save_sgl", "save_autoawq", "save_lightllm", "save_mlcllm", "save_trtllm"):
+    for key in ("save_lightllm", "save_mlcllm", "save_trtllm"):
         if getattr(cfg.save, key):
-            problems.append(Problem(f"save.{key}", "this export is not available in this version; allowed exports: save_trans, save_fake", True))
+            problems.append(Problem(f"save.{key}", "this export is not available in this version; allowed exports: "
+                                    "save_trans, save_fake, save_vllm, save_sgl, save_autoawq, save_gptq", True))
+    if cfg.save.save_autoawq and cfg.quant.weight.bit != 4:
+        problems.append(Problem("save.save_autoawq", f"AutoAWQ GEMM checkpoints are 4-bit only and quant.weight.bit is "
+                                f"{cfg.quant.weight.bit}; use save_gptq or save_vllm", True))
     if "vision" in cfg.quant.quant_objects and cfg.run.task_type != "VLM":
         problems.append(Problem("quant.quant_objects", "'vision' needs run.task_type: VLM", cfg.quant.quant_objects))
     if cfg.quant.method == "GPTQ":

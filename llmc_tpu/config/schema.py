@@ -109,6 +109,9 @@ class SaveSection(Section):
     save_vllm: bool = False
     save_sgl: bool = False
     save_autoawq: bool = False
+    save_gptq: bool = False
+    gptq_checkpoint_format: Literal["gptq", "gptq_v2"] = Field(
+        "gptq", description="save_gptq's zero-point convention: gptq (v1, stores zero - 1) or gptq_v2 (as is)")
     save_lightllm: bool = False
     save_mlcllm: bool = False
     save_trtllm: bool = False
