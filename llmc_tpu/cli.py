@@ -37,6 +37,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "--config_path", dest="config", required=True, metavar="CFG.yml",
                    help="the run config (YAML with sections base, model, calib, eval, quant, save, run)")
     p.add_argument("--overwrite", action="store_true", help="replace save.save_path if it exists (only once the new run is complete)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run (same config) from its last finished block")
     p.add_argument("--llmc_tpu_path", help=argparse.SUPPRESS)
 
 
@@ -51,7 +52,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    report = Quantizer(cfg, overwrite=args.overwrite, progress=not args.quiet).run()
+    report = Quantizer(cfg, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume).run()
     print(report.summary())
     return EXIT_EXPORT_FAILED if report.failed_exports else EXIT_OK
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -29,10 +30,12 @@ from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.loading import LoadedModel, load_model
 from llmc_tpu.models.registry import ModelSpec
 from llmc_tpu.preflight import preflight
+from llmc_tpu.resume import Checkpoints
 from llmc_tpu.report import RunReport, llm_convert_command
 from llmc_tpu.tpu.rtn import TpuWeightFormat
 
 log = logging.getLogger("llmc_tpu")
+RESUME_FOLDER = "_resume"  # per-block checkpoints inside the output's temp folder
 
 
 class PipelineError(RuntimeError):
@@ -86,10 +89,11 @@ class _Timer:
 class Quantizer:
     """Runs one config end to end. ``run()`` returns the report; outputs land in save.save_path."""
 
-    def __init__(self, cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> None:
+    def __init__(self, cfg: RunConfig, overwrite: bool = False, progress: bool = True, resume: bool = False) -> None:
         self.cfg = cfg
         self.fmt = tpu_format(cfg)
         self.overwrite = overwrite
+        self.resume = resume
         self.progress = progress
         self.timer = _Timer()
         self.report = RunReport(config=cfg.model_dump())
@@ -101,8 +105,11 @@ class Quantizer:
     def run(self) -> RunReport:
         cfg = self.cfg
         preflight(cfg, self.fmt, self.overwrite, METHODS[cfg.quant.method].needs_calibration)  # every problem, before any work
-        out = OutputDir(cfg.save.save_path, self.overwrite)
+        out = OutputDir(cfg.save.save_path, self.overwrite, self.resume)
         try:
+            self.ckpt = Checkpoints(out.path(RESUME_FOLDER), self.report.config)
+            if self.ckpt.done_blocks:
+                log.info("resuming after block %d of an interrupted run", self.ckpt.done_blocks - 1)
             with self.timer("load"):
                 loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype,
                                     cfg.model.tokenizer_mode, cfg.model.trust_remote_code)
@@ -147,7 +154,10 @@ class Quantizer:
             self.report.timings_s = {k: round(v, 3) for k, v in self.timer.times.items()}
             self.report.outputs["report"] = str(out.final / "report.md")
             self.report.write(out.tmp)
+            shutil.rmtree(out.path(RESUME_FOLDER))
             out.commit()
+        except KeyboardInterrupt:
+            raise  # keep the checkpoints: --resume continues from the last finished block
         except BaseException:
             out.discard()
             raise
@@ -160,14 +170,18 @@ class Quantizer:
         inputs = self._calibration_inputs(loaded) if method.needs_calibration else None
         results: QuantResults = {}
         blocks = blocks_of(model, spec)
-        per_block = []
         for i, block in enumerate(self._bar(blocks, desc=f"{method.name} blocks", unit="block")):
             prefix = f"{spec.blocks}.{i}"
-            block.to(self.device)
-            ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs, head_dim=_head_dim(model.config))
-            method.process_block(ctx)
-            check_finite_weights(block, spec, prefix, method.name)
-            block_results = quantize_block(block, spec, self.fmt, prefix, ctx.results)
+            if i < self.ckpt.done_blocks:  # finished before an interruption: restore, only recompute its outputs
+                block_results = self.ckpt.restore_block(i, block)
+                block.to(self.device)
+            else:
+                block.to(self.device)
+                ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs, head_dim=_head_dim(model.config))
+                method.process_block(ctx)
+                check_finite_weights(block, spec, prefix, method.name)
+                block_results = quantize_block(block, spec, self.fmt, prefix, ctx.results)
+                self.ckpt.save_block(i, block, block_results, {"block": i, **ctx.report} if ctx.report else {})
             results.update(block_results)
             if inputs is not None and i + 1 < len(blocks):
                 if self.cfg.quant.quant_out:
@@ -177,8 +191,7 @@ class Quantizer:
                     inputs = run_block(block, inputs, self.device)
                 check_finite_outputs(inputs, prefix)
             block.to("cpu")
-            if ctx.report:
-                per_block.append({"block": i, **ctx.report})
+        per_block = [r for r in self.ckpt.state["block_reports"] if r]
         self.report.method = {"name": method.name, "special": self.cfg.quant.special, "blocks": per_block,
                               "calibration": "none (RTN needs no data)" if inputs is None else "see data.calib"}
         return results
@@ -220,6 +233,13 @@ class Quantizer:
         if pos not in self.cfg.eval.eval_pos:
             return
         keep = self.cfg.eval.eval_token_consist and pos in ("pretrain", "fake_quant")
+        saved = self.ckpt.load_eval(pos) if pos == "pretrain" else None
+        if saved is not None:  # evaluated before an interruption
+            ppl, predictions = saved
+            self.report.ppl[pos] = ppl
+            for name, value in ppl.items():
+                preds.setdefault(pos, {})[name] = PplResult(value, 0.0, 0, 0, predictions.get(name))
+            return
         with self.timer(f"eval {pos}"):
             for name, win in eval_windows.items():
                 if self.cfg.eval.inference_per_block:
@@ -230,6 +250,8 @@ class Quantizer:
                 self.report.ppl.setdefault(pos, {})[name] = result.ppl
                 preds.setdefault(pos, {})[name] = result
                 log.info("%s ppl on %s: %.4f", pos, name, result.ppl)
+        if pos == "pretrain":
+            self.ckpt.save_eval(pos, self.report.ppl[pos], {n: r.predictions for n, r in preds[pos].items()})
 
     def _describe(self, loaded: LoadedModel) -> None:
         n_params = sum(p.numel() for p in loaded.model.parameters())

@@ -1,0 +1,80 @@
+"""Kill a run with SIGKILL in the middle, resume it, and get byte-identical outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from tiny_models import TEXT, make_tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def config(model: Path, data: Path, save: Path) -> dict:
+    return {"model": {"path": str(model), "torch_dtype": "float32"},
+            "calib": {"name": "custom_txt", "path": str(data), "n_samples": 8, "seq_len": 64, "bs": 2},
+            "eval": {"name": "custom_ppl", "path": str(data), "seq_len": 64, "bs": 4,
+                     "eval_pos": ["pretrain", "fake_quant"], "eval_token_consist": True},
+            "quant": {"method": "Awq", "quant_out": True}, "save": {"save_path": str(save), "save_fake": True}}
+
+
+def start(cfg_file: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "llmc_tpu", "-q", "quantize", "--config", str(cfg_file), *extra],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    model = make_tiny_model(tmp_path / "m", "llama", layers=6, dtype=torch_float32())
+    data = tmp_path / "data.txt"
+    data.write_text(TEXT.replace(". ", ".\n"), encoding="utf-8")
+    runs = {}
+    for name in ("whole", "killed"):
+        cfg_file = tmp_path / f"{name}.yml"
+        cfg_file.write_text(yaml.safe_dump(config(model, data, tmp_path / name)))
+        runs[name] = cfg_file
+
+    whole = start(runs["whole"])
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
+
+    killed = start(runs["killed"])
+    state = tmp_path / ".killed.partial" / "_resume" / "state.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if state.exists() and json.loads(state.read_text()).get("done_blocks", 0) >= 2:
+            break
+        assert killed.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed").exists()  # nothing that looks complete
+
+    again = start(runs["killed"])
+    _, err = again.communicate(timeout=600)
+    assert again.returncode != 0 and "pass --resume" in err  # never silently restarts over the checkpoints
+    resumed = start(runs["killed"], "--resume")
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+
+    a, b = tmp_path / "whole", tmp_path / "killed"
+    files = sorted(str(p.relative_to(a)) for p in a.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")
+                   and p.name not in ("report.json", "manifest.json"))
+    assert any(f.endswith("model.safetensors") for f in files)
+    for rel in files:
+        assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
+    ra, rb = (json.loads((d / "report.json").read_text()) for d in (a, b))
+    assert ra["ppl"] == rb["ppl"] and ra["token_consistency"] == rb["token_consistency"]
+    assert ra["method"]["blocks"] == rb["method"]["blocks"]
+    assert not (tmp_path / ".killed.partial").exists()  # checkpoints removed on success
+
+
+def torch_float32():
+    import torch
+
+    return torch.float32
