@@ -74,6 +74,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     import json
 
+    from llmc_tpu.export.manifest import check_manifest
     from llmc_tpu.tpu.rtn import TpuWeightFormat
     from llmc_tpu.verify import VerifyError, format_verify_table, verify
 
@@ -83,6 +84,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         print(f"error: {save}/report.json not found: give the save_path of a finished llmc-tpu run", file=sys.stderr)
         return EXIT_USAGE
+    problems = check_manifest(save)
+    if problems:  # files changed or missing since the run finished: what would be compiled is not what we scored
+        print("error: the run's files do not match its manifest.json:\n  " + "\n  ".join(problems), file=sys.stderr)
+        return EXIT_MISMATCH
     f = report["tpu_format"]
     fmt = TpuWeightFormat(f["bits"], f["group_size"], f["symmetric"], f["scale_dtype"], f["chip"])
     gptq = report.get("config", {}).get("quant", {}).get("method") == "GPTQ"  # handoff: a GPTQ checkpoint, -q auto

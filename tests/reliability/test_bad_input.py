@@ -214,3 +214,13 @@ def test_out_of_memory_says_what_to_lower(world, tmp_path, capsys, monkeypatch):
     rc, err = run(["-q", "quantize", "--config", str(tmp_path / "cfg.yml")], capsys)
     assert rc == 1 and "out of memory (CUDA out of memory" in err and "eval.inference_per_block" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_verify_refuses_a_tampered_run(world, tmp_path, capsys):
+    cfg = fill(BASE, {**world, "save": str(tmp_path / "out")})
+    (tmp_path / "cfg.yml").write_text(yaml.safe_dump(cfg))
+    assert run(["-q", "quantize", "--config", str(tmp_path / "cfg.yml")], capsys)[0] == 0
+    weights = tmp_path / "out" / "transformed_model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-2] + b"\x00\x00")
+    rc, err = run(["verify", str(tmp_path / "out")], capsys)
+    assert rc == 3 and "transformed_model/model.safetensors: changed since the run finished" in err
