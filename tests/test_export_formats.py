@@ -388,3 +388,37 @@ def test_static_impossibilities_are_config_errors():
     assert cfg.save.gptq_checkpoint_format == "gptq"
     with pytest.raises(ConfigError, match="gptq_checkpoint_format"):
         parse_config({**base, "save": {"save_path": "s", "gptq_checkpoint_format": "v3"}})
+
+
+@pytest.mark.parametrize("weight", [{"symmetric": True, "group_size": 32}, {"bit": 8, "group_size": 128},
+                                    {"bit": 8, "symmetric": True, "granularity": "per_channel"},
+                                    {"granularity": "per_channel"}],
+                         ids=["w4-sym-g32", "w8-asym-g128", "w8-per-channel", "w4-per-channel"])
+def test_other_tpu_formats_export_exactly(weight, tmp_path, tiny_llama, eval_txt):
+    """Symmetric, 8-bit and per-channel runs: every written folder reads back to the fake-quant weights."""
+    exports = ("save_gptq", "save_vllm") if weight.get("bit") == 8 else tuple(FOLDERS)
+    save = tmp_path / "out"
+    report = Quantizer(parse_config(run_config(tiny_llama, eval_txt, save, exports=exports, eval_pos=(), weight=weight)),
+                       progress=False).run()
+    assert not report.failed_exports
+    fake = load_file(save / "fake_quant_model" / "model.safetensors")
+    for key in exports:
+        for name, w in READERS[key](save / FOLDERS[key]).items():
+            assert torch.equal(w.to(torch.bfloat16), fake[f"{name}.weight"]), (key, name)
+    qc = json.loads((save / "vllm_quant_model" / "config.json").read_text())["quantization_config"]
+    symmetric = weight.get("symmetric", False)
+    assert qc["config_groups"]["group_0"]["weights"]["symmetric"] == symmetric
+    assert qc["config_groups"]["group_0"]["weights"]["strategy"] == ("channel" if "granularity" in weight else "group")
+    assert json.loads((save / "gptq_quant_model" / "config.json").read_text())["quantization_config"]["sym"] == symmetric
+
+
+def test_gptq_runs_gpu_gptq_export_equals_the_tpu_handoff_checkpoint(tmp_path, tiny_llama, eval_txt):
+    """For a GPTQ run without float rows, save_gptq holds the very tensors of the TPU handoff (gptq_tpu_model)."""
+    cfg = run_config(tiny_llama, eval_txt, tmp_path / "out", exports=("save_gptq",), eval_pos=(), method="GPTQ")
+    cfg["calib"] = {"name": "custom_txt", "path": str(eval_txt), "n_samples": 4, "seq_len": 32}
+    Quantizer(parse_config(cfg), progress=False).run()
+    ours = load_file(tmp_path / "out" / "gptq_quant_model" / "model.safetensors")
+    handoff = load_file(tmp_path / "out" / "gptq_tpu_model" / "model.safetensors")
+    assert set(ours) == set(handoff)
+    for key, value in handoff.items():
+        assert torch.equal(ours[key], value), key
