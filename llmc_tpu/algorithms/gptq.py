@@ -27,13 +27,13 @@ A Cholesky failure multiplies ``percdamp`` by 10 and retries, with a warning in 
 from __future__ import annotations
 
 import dataclasses
-import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
 from llmc_tpu.tpu.chips import quantized_out_features
-from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat, quantize_codes, tpu_grid
+from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat, round_half_away, tpu_grid
 
 DAMP_TRIES = 8  # percdamp, x10, ... x1e7
 
@@ -51,14 +51,20 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``[..., K]``."""
-        x = x.reshape(-1, x.shape[-1]).to(self.h.device, torch.float32)
+        x = x.reshape(-1, x.shape[-1]).to(self.h.device)
         m = x.shape[0]
         if m == 0:
             return
-        self.h.mul_(self.n / (self.n + m))
+        # bf16/f16 values are exact in TF32, so on CUDA the fp32 product may use TF32 tensor cores unchanged
+        exact_tf32 = x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda
+        old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = old or exact_tf32
+        try:
+            x = x.float()
+            self.h.addmm_(x.T, x, beta=self.n / (self.n + m), alpha=2 / (self.n + m))
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = old
         self.n += m
-        x = x * math.sqrt(2 / self.n)
-        self.h.addmm_(x.T, x)
 
 
 def storable_scale(scale: torch.Tensor, fmt: TpuWeightFormat) -> torch.Tensor:
@@ -83,7 +89,7 @@ def handoff_grid(w: torch.Tensor, fmt: TpuWeightFormat) -> tuple[torch.Tensor, t
         n, k = w.shape
         g = k if fmt.per_channel else fmt.group_size
         mx = w.float().reshape(n, k // g, g).amax(dim=2)
-        scale = torch.where(no_zero, torch.maximum(mx / (fmt.qmax - 1), scale), scale)
+        scale = torch.where(no_zero, torch.maximum(mx / torch.tensor(fmt.qmax - 1.0, device=mx.device), scale), scale)
         zero = torch.where(no_zero, torch.ones_like(zero), zero)
     eff = storable_scale(scale, fmt)
     scale = torch.where(scale.to(fmt.torch_scale_dtype).float() == eff, scale, eff)
@@ -136,6 +142,62 @@ def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
                     "(check the calibration data)")
 
 
+def _columns(ws: _Block, a: int, b: int, qmax: int) -> None:
+    """Columns ``a..b-1`` of the block in ``ws``: round on the grid (``rtn.quantize_codes``' arithmetic),
+    dequantize with the stored scale, spread the error over the block's later columns."""
+    for jj in range(a, b):
+        w, s, z = ws.W[:, jj], ws.S[:, jj], ws.Z[:, jj]
+        q = (round_half_away(w / s) + z).clamp_(0, qmax)
+        err = (w - (q - z) * ws.D[:, jj]) / ws.Hinv[jj, jj]
+        ws.W[:, jj:].addcmul_(err[:, None], ws.Hinv[jj:jj + 1, jj:], value=-1)
+        ws.Err[:, jj] = err
+        ws.Q[:, jj] = q
+
+
+class _Block:
+    """Buffers of one block of columns; on CUDA each column range runs as a captured graph replayed on them
+    (the column loop is hundreds of tiny kernels: launching them one by one costs more than running them)."""
+
+    def __init__(self, n: int, width: int, device: torch.device) -> None:
+        self.W, self.Err, self.Q, self.S, self.Z, self.D = (torch.zeros(n, width, device=device) for _ in range(6))
+        self.Hinv = torch.zeros(width, width, device=device)
+        self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+
+    def run(self, a: int, b: int, qmax: int) -> None:
+        if self.W.device.type != "cuda":
+            _columns(self, a, b, qmax)
+            return
+        graph = self.graphs.get((a, b, qmax))
+        if graph is None:
+            saved = [t.clone() for t in (self.W, self.Err, self.Q)]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up before capture, as CUDA graphs require
+                _columns(self, a, b, qmax)
+            torch.cuda.current_stream().wait_stream(side)
+            for t, v in zip((self.W, self.Err, self.Q), saved):
+                t.copy_(v)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                _columns(self, a, b, qmax)
+            self.graphs[a, b, qmax] = graph
+        graph.replay()
+
+
+_BLOCKS: OrderedDict[tuple[int, int, str], _Block] = OrderedDict()
+
+
+def _block(n: int, width: int, device: torch.device) -> _Block:
+    """A cached ``_Block`` (its graphs are reused by every Linear of the same shape); the 4 last used are kept."""
+    key = (n, width, str(device))
+    if key not in _BLOCKS:
+        _BLOCKS[key] = _Block(n, width, device)
+        while len(_BLOCKS) > 4:
+            _BLOCKS.popitem(last=False)
+    _BLOCKS.move_to_end(key)
+    return _BLOCKS[key]
+
+
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, blocksize: int = 128,
                   percdamp: float = 0.01, actorder: bool = False, static_groups: bool = False) -> GptqResult:
     """Quantize ``w`` ``[N, K]`` on TPU-MLIR's grid, minimizing the output error on inputs with Hessian ``[K, K]``."""
@@ -163,30 +225,39 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, 
     if actorder:
         order = torch.argsort(torch.diagonal(H), descending=True)
         W, H = W[:, order], H[order][:, order]
-    group_of = (order // g).tolist()
+    group_of = order // g
     hinv, used, warnings = _inverse_cholesky(H, percdamp)
     Q = torch.zeros(n, k, dtype=torch.int16, device=W.device)
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)
-        W1, Hinv1 = W[:, i1:i2], hinv[i1:i2, i1:i2]  # W1 is a view: updated in place
-        Err1 = W.new_zeros(n, i2 - i1)
-        for jj in range(i2 - i1):
-            j = i1 + jj
-            gi = group_of[j]
-            if not static and j % g == 0:  # the group's current columns, lazy updates still pending included
+        ws = _block(n, i2 - i1, W.device)
+        ws.W.copy_(W[:, i1:i2])
+        ws.Hinv.copy_(hinv[i1:i2, i1:i2])
+        ws.Err.zero_()
+        if static:
+            cols = group_of[i1:i2]
+            ws.S.copy_(scale.index_select(1, cols))
+            ws.Z.copy_(zero.index_select(1, cols))
+            ws.D.copy_(deq.index_select(1, cols))
+            ws.run(0, i2 - i1, fmt.qmax)
+        a = 0
+        while not static and a < i2 - i1:  # one run per (group, block) piece; a group's grid is set at its start
+            j, gi = i1 + a, (i1 + a) // g
+            if j % g == 0:  # the group's current columns, lazy updates still pending included
                 cols = W[:, j:j + g].clone()
-                if j + g > i2 and jj:
-                    cols[:, i2 - j:] -= Err1[:, :jj] @ hinv[i1:j, i2:j + g]
+                inside = min(g, i2 - j)
+                cols[:, :inside] = ws.W[:, a:a + inside]
+                if inside < g and a:
+                    cols[:, inside:] -= ws.Err[:, :a] @ hinv[i1:j, i2:j + g]
                 s, z, f = handoff_grid(cols, group_fmt)
                 scale[:, gi:gi + 1], zero[:, gi:gi + 1], fixes = s, z, fixes + f
                 deq[:, gi:gi + 1] = s.to(fmt.torch_scale_dtype).float()
-            col = W1[:, jj:jj + 1]
-            q = quantize_codes(col, scale[:, gi:gi + 1], zero[:, gi:gi + 1], fmt)
-            err = (col - (q.float() - zero[:, gi:gi + 1].float()) * deq[:, gi:gi + 1]) / Hinv1[jj, jj]
-            W1[:, jj:].sub_(err @ Hinv1[jj:jj + 1, jj:])
-            Err1[:, jj:jj + 1] = err
-            Q[:, j:j + 1] = q
-        W[:, i2:].sub_(Err1 @ hinv[i1:i2, i2:])
+            b = min(i2, (gi + 1) * g) - i1
+            ws.S[:, a:b], ws.Z[:, a:b], ws.D[:, a:b] = scale[:, gi:gi + 1], zero[:, gi:gi + 1].float(), deq[:, gi:gi + 1]
+            ws.run(a, b, fmt.qmax)
+            a = b
+        Q[:, i1:i2] = ws.Q.to(torch.int16)
+        W[:, i2:].sub_(ws.Err @ hinv[i1:i2, i2:])
     if actorder:
         Q = Q[:, torch.argsort(order)]
     return GptqResult(fmt, Q, scale, zero, used, int(dead.sum()), fixes, warnings)
