@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from llmc_tpu.export.formats import autoawq, compressed_tensors, gptq
@@ -101,8 +100,3 @@ def write_exports(model: nn.Module, tokenizer: Any, source: Path, results: dict[
         records[key] = record
         log.info("%s: wrote %s", key, record["folder"])
     return records
-
-
-def dequantized_weight(result: TpuQuantizedWeight) -> torch.Tensor:
-    """float32 [N, K]: what every GPU export of this Linear holds (``(q - z) * scale`` on every row)."""
-    return gpu_weight(result).dequantize()

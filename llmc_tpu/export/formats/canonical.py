@@ -83,9 +83,9 @@ def gpu_weight(result: TpuQuantizedWeight) -> GpuWeight:
         zero = torch.cat([zero, rest_zero])
         scale = torch.cat([scale, rest_scale])
     k = codes.shape[1]
-    return GpuWeight(bits=fmt.bits, group_size=k // scale.shape[1], per_channel=fmt.per_channel,
-                     codes=codes.to(torch.int16), zero=zero.to(torch.int16), scale=scale.to(fmt.torch_scale_dtype),
-                     n_tpu_rows=result.n_quantized)
+    return GpuWeight(bits=fmt.bits, group_size=k // scale.shape[1], per_channel=fmt.per_channel,  # on the CPU: files
+                     codes=codes.to("cpu", torch.int16), zero=zero.to("cpu", torch.int16),
+                     scale=scale.to("cpu", fmt.torch_scale_dtype), n_tpu_rows=result.n_quantized)
 
 
 def scales_as_fp16(w: GpuWeight, name: str) -> torch.Tensor:
