@@ -90,6 +90,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return EXIT_MISMATCH
     f = report["tpu_format"]
     fmt = TpuWeightFormat(f["bits"], f["group_size"], f["symmetric"], f["scale_dtype"], f["chip"])
+    if args.onnx:  # the onnx/ folder through model_transform.py + model_deploy.py, as its compile.sh does
+        from llmc_tpu.verify.onnx_path import format_onnx_result, verify_saved_onnx
+
+        work = Path(args.work_dir) if args.work_dir else save / "verify" / "onnx"
+        try:
+            onnx_result = verify_saved_onnx(save, fmt, work, layers=tuple(args.onnx_layers))
+        except VerifyError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        print(format_onnx_result(onnx_result))
+        return EXIT_OK if onnx_result.ok else EXIT_MISMATCH
     gptq = report.get("config", {}).get("quant", {}).get("method") == "GPTQ"  # handoff: a GPTQ checkpoint, -q auto
     model_dir = save / ("gptq_tpu_model" if gptq else "transformed_model")
     if not model_dir.is_dir():
@@ -137,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("save_path", help="save.save_path of a finished run")
     p.add_argument("--seq-len", type=int, default=64, help="sequence length to compile with (weights do not depend on it)")
     p.add_argument("--work-dir", help="where TPU-MLIR writes (default SAVE_PATH/verify)")
+    p.add_argument("--onnx", action="store_true",
+                   help="check SAVE_PATH/onnx (save.save_onnx) instead: compile block_i and block_cache_i as its compile.sh "
+                        "does, compare codes, run block_0 on TPU-MLIR's CPU simulator (sequence length: the ONNX's)")
+    p.add_argument("--onnx-layers", type=int, nargs="+", default=[0], metavar="I", help="layers --onnx compiles (default 0)")
     p.set_defaults(func=cmd_verify)
     return parser
 

@@ -23,6 +23,7 @@ from llmc_tpu.export.formats import EXPORTS, export_options, write_exports
 from llmc_tpu.export.gptq_checkpoint import FOLDER as GPTQ_FOLDER
 from llmc_tpu.export.gptq_checkpoint import llm_convert_auto_command, save_gptq_checkpoint
 from llmc_tpu.export.hf_folder import save_hf_folder
+from llmc_tpu.export.onnx import save_onnx
 from llmc_tpu.export.output_dir import OutputDir
 from llmc_tpu.fake_quant import QuantResults, apply_fake_quant, fake_quantized, quantize_block
 from llmc_tpu.methods import METHODS
@@ -126,6 +127,11 @@ class Quantizer:
                     save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("transformed_model"),
                                    dtype=self.fmt.handoff_dtype)
                 self.report.outputs["transformed_model"] = str(out.final / "transformed_model")
+            if cfg.save.save_onnx:  # the same float weights, as per-piece ONNX graphs + compile.sh
+                with self.timer("save onnx"):
+                    self.report.onnx = save_onnx(loaded.model, loaded.spec, out.path("onnx"), self.fmt, cfg.run.seq_length,
+                                                 loaded.model_type, progress=self._bar)
+                self.report.outputs["onnx"] = str(out.final / "onnx")
             apply_fake_quant(loaded.model, results)
             self._evaluate("fake_quant", loaded, eval_windows, preds)
             if cfg.save.save_fake:
@@ -286,4 +292,7 @@ class Quantizer:
                 steps.append(f"# TPU-MLIR's llm_convert.py does not support model_type "
                              f"{self.report.model['model_type']!r}; use the ONNX path")
             steps.append(f"llmc-tpu verify {final}")
+        if self.cfg.save.save_onnx:
+            steps.append(f"PATH=$HOME/.cache/llmc_tpu/tpu-mlir-1.30.2/venv/bin:$PATH bash {final / 'onnx' / 'compile.sh'}")
+            steps.append(f"llmc-tpu verify --onnx {final}")
         self.report.next_steps = steps

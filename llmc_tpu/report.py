@@ -43,6 +43,7 @@ class RunReport:
     method: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
+    onnx: dict[str, Any] = field(default_factory=dict)  # save_onnx: pieces and their max relative error vs torch
     exports: dict[str, dict[str, Any]] = field(default_factory=dict)  # GPU exports: folder, status, serving kernels
     next_steps: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=versions)
@@ -69,6 +70,9 @@ class RunReport:
             lines.append(f"\nquantized Linears: {q.get('n_linears', 0)} ({q.get('format', '')}); "
                          f"rows left in float by the chip's NPU rule: {q.get('float_rows', 0)}; "
                          f"Linears folded back to float: {len(q.get('folded_to_float', []))}")
+        if self.onnx:
+            lines.append(f"onnx: {len(self.onnx['pieces'])} pieces, max relative error onnxruntime vs torch "
+                         f"{self.onnx['max_rel_error']:.1e} ({self.onnx['worst_piece']})")
         lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings_s.items()))
         if self.outputs:
             lines.append("outputs:")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -157,6 +158,8 @@ def _check_values(cfg: RunConfig) -> list[Problem]:
     if cfg.save.save_autoawq and cfg.quant.weight.bit != 4:
         problems.append(Problem("save.save_autoawq", f"AutoAWQ GEMM checkpoints are 4-bit only and quant.weight.bit is "
                                 f"{cfg.quant.weight.bit}; use save_gptq or save_vllm", True))
+    if cfg.save.save_onnx and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
+        problems.append(Problem("save.save_onnx", "needs onnx and onnxruntime: pip install 'llmc_tpu[onnx]'", True))
     if "vision" in cfg.quant.quant_objects and cfg.run.task_type != "VLM":
         problems.append(Problem("quant.quant_objects", "'vision' needs run.task_type: VLM", cfg.quant.quant_objects))
     if cfg.quant.method == "GPTQ":
@@ -176,6 +179,9 @@ def _check_gptq(cfg: RunConfig) -> list[Problem]:
         problems.append(Problem("save.save_trans", "GPTQ's handoff is the GPTQ checkpoint SAVE_PATH/gptq_tpu_model "
                                 "(llm_convert.py -q auto keeps its codes); float weights would be re-quantized by "
                                 "TPU-MLIR's RTN and lose GPTQ's codes: remove save_trans or set it False", True))
+    if cfg.save.save_onnx:
+        problems.append(Problem("save.save_onnx", "ONNX graphs carry float weights that model_deploy.py re-quantizes with "
+                                "TPU-MLIR's RTN, so GPTQ's codes would be lost; use the GPTQ checkpoint with llm_convert.py", True))
     return problems
 
 

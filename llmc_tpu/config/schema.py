@@ -106,6 +106,7 @@ class SaveSection(Section):
     save_path: str
     save_trans: bool = True
     save_fake: bool = False
+    save_onnx: bool = Field(False, description="ONNX pieces + compile.sh for model_transform.py / model_deploy.py")
     save_vllm: bool = False
     save_sgl: bool = False
     save_autoawq: bool = False

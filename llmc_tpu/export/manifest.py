@@ -42,8 +42,9 @@ def check_manifest(folder: Path) -> list[str]:
         elif p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
             problems.append(f"{rel}: changed since the run finished")
     skip = {MANIFEST}
+    work = ("verify/", "bmodel/")  # what verify and the next-step compiles (llm_convert -o, onnx/compile.sh) write
     for p in folder.rglob("*"):
         rel = str(p.relative_to(folder))
-        if p.is_file() and rel not in recorded and rel not in skip and not rel.startswith("verify/"):
+        if p.is_file() and rel not in recorded and rel not in skip and not rel.startswith(work):
             problems.append(f"{rel}: not part of the run's output")
     return problems
