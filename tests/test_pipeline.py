@@ -34,7 +34,8 @@ def test_rtn_end_to_end(family, tmp_path, eval_txt):
     model = make_tiny_model(tmp_path / "m", family, tie=family == "qwen2")
     save = tmp_path / "out"
     report = Quantizer(parse_config(config(model, eval_txt, save)), progress=False).run()
-    assert sorted(p.name for p in save.iterdir()) == ["fake_quant_model", "report.json", "report.md", "transformed_model"]
+    assert sorted(p.name for p in save.iterdir()) == ["fake_quant_model", "manifest.json", "report.json", "report.md",
+                                                      "transformed_model"]
     data = json.loads((save / "report.json").read_text())
     assert set(data["ppl"]) == {"pretrain", "transformed", "fake_quant"}
     assert all(isinstance(v, float) for row in data["ppl"].values() for v in row.values())
