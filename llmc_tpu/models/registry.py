@@ -38,6 +38,10 @@ class ModelSpec:
     qk_layers: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj")  # AWQ clipping skips these by default
     llm_convert: bool = True  # TPU-MLIR's llm_convert.py compiles this model_type
     aliases: tuple[str, ...] = field(default=())
+    # VLMs: the vision tower and projector modules (float unless quant.quant_objects has vision), and
+    # whether the language blocks' subsets come from text_config.model_type (Llava, InternVL)
+    vision: tuple[str, ...] = field(default=())
+    text_from_config: bool = False
 
     @property
     def linear_names(self) -> tuple[str, ...]:
@@ -58,6 +62,20 @@ _SPECS = (
     ModelSpec("qwen3", "Qwen3", LLAMA_SUBSETS, aliases=("Qwen3",)),
     ModelSpec("mistral", "Mistral", LLAMA_SUBSETS, llm_convert=False, aliases=("Mistral",)),
 )
+
+# Vision-language models: the language blocks as in transformers 5 (``model.language_model``).
+_VLM_PATHS = dict(blocks="model.language_model.layers", embeddings=("model.language_model.embed_tokens",),
+                  rotary="model.language_model.rotary_emb", final_norm="model.language_model.norm")
+_VLM_SPECS = (
+    ModelSpec("qwen2_vl", "Qwen2-VL", LLAMA_SUBSETS, vision=("model.visual",), aliases=("Qwen2VL",), **_VLM_PATHS),
+    ModelSpec("qwen2_5_vl", "Qwen2.5-VL", LLAMA_SUBSETS, vision=("model.visual",), aliases=("Qwen2.5VL", "Qwen25VL"),
+              **_VLM_PATHS),
+    ModelSpec("llava", "Llava", LLAMA_SUBSETS, vision=("model.vision_tower", "model.multi_modal_projector"),
+              text_from_config=True, llm_convert=False, **_VLM_PATHS),
+    ModelSpec("internvl", "InternVL", LLAMA_SUBSETS, vision=("model.vision_tower", "model.multi_modal_projector"),
+              text_from_config=True, llm_convert=False, aliases=("InternVL2", "InternVL3"), **_VLM_PATHS),
+)
+_SPECS = (*_SPECS, *_VLM_SPECS)
 
 REGISTRY: dict[str, ModelSpec] = {spec.model_type: spec for spec in _SPECS}
 
