@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -24,8 +23,8 @@ import numpy as np
 from llmc_tpu.export.gptq_checkpoint import CheckpointError, read_gptq_checkpoint
 from llmc_tpu.tpu.rtn import TpuWeightFormat
 from llmc_tpu.verify.compare import VerifyResult, compare_linear
-from llmc_tpu.verify.llm_convert import LoweredLinear, log_tail, lowered_weight_files, unpack_w4
-from llmc_tpu.verify.tpu_mlir_env import INSTALL_HINT, TpuMlirEnv, VerifyError, find_tpu_mlir
+from llmc_tpu.verify.llm_convert import LoweredLinear, compile_with_llm_convert, lowered_weight_files, unpack_w4
+from llmc_tpu.verify.tpu_mlir_env import TpuMlirEnv, VerifyError
 
 _LAYER = re.compile(r"(?:^|.*\.)layers\.(\d+)\.")
 
@@ -55,23 +54,9 @@ def check_checkpoint_dir(model_dir: Path, fmt: TpuWeightFormat) -> None:
 def run_llm_convert_auto(model_dir: Path, fmt: TpuWeightFormat, seq_len: int, work_dir: Path,
                          env: TpuMlirEnv | None = None, timeout_s: float | None = None) -> Path:
     """Compile the checkpoint into ``work_dir/llm_convert`` (replaced); return that folder."""
-    model_dir, work_dir = Path(model_dir).resolve(), Path(work_dir).resolve()
-    check_checkpoint_dir(model_dir, fmt)
-    if work_dir.is_relative_to(model_dir):
-        raise VerifyError(f"work dir {work_dir} is inside the model folder; llm_convert.py refuses that")
-    env = env or find_tpu_mlir()
-    out_dir, log = work_dir / "llm_convert", work_dir / "llm_convert.log"
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    args = [str(env.tool("llm_convert.py")), *llm_convert_auto_args(model_dir, fmt, seq_len, out_dir)]
-    rc = env.run(args, cwd=work_dir, log=log, timeout_s=timeout_s)
-    if rc != 0:
-        raise VerifyError(f"llm_convert.py failed (exit {rc}): {' '.join(args)}\n"
-                          f"(if TPU-MLIR itself is broken, {INSTALL_HINT})\n{log_tail(out_dir, log)}")
-    if not lowered_weight_files(out_dir):
-        raise VerifyError(f"llm_convert.py left no *_tpu_lowered_*_weight.npz in {out_dir}\n{log_tail(out_dir, log)}")
-    return out_dir
+    check_checkpoint_dir(Path(model_dir).resolve(), fmt)
+    return compile_with_llm_convert(model_dir, work_dir, lambda m, out: llm_convert_auto_args(m, fmt, seq_len, out),
+                                    env, timeout_s)
 
 
 def read_prequantized_linear(npz: Mapping[str, np.ndarray], name: str, k: int, bits: int) -> LoweredLinear | None:

@@ -75,8 +75,15 @@ def log_tail(out_dir: Path, log: Path) -> str:
 def run_llm_convert(model_dir: Path, fmt: TpuWeightFormat, seq_len: int, work_dir: Path,
                     env: TpuMlirEnv | None = None, timeout_s: float | None = None) -> Path:
     """Compile ``model_dir`` into ``work_dir/llm_convert`` (replaced); return that folder."""
+    check_model_dir(Path(model_dir).resolve(), fmt)
+    return compile_with_llm_convert(model_dir, work_dir, lambda m, out: llm_convert_args(m, fmt, seq_len, out),
+                                    env, timeout_s)
+
+
+def compile_with_llm_convert(model_dir: Path, work_dir: Path, make_args, env: TpuMlirEnv | None = None,
+                             timeout_s: float | None = None) -> Path:
+    """Run llm_convert.py with ``make_args(model_dir, out_dir)`` into ``work_dir/llm_convert`` (replaced)."""
     model_dir, work_dir = Path(model_dir).resolve(), Path(work_dir).resolve()
-    check_model_dir(model_dir, fmt)
     if work_dir.is_relative_to(model_dir):
         raise VerifyError(f"work dir {work_dir} is inside the model folder; llm_convert.py refuses that")
     env = env or find_tpu_mlir()
@@ -84,7 +91,7 @@ def run_llm_convert(model_dir: Path, fmt: TpuWeightFormat, seq_len: int, work_di
     if out_dir.exists():  # llm_convert would reuse stale pieces from an earlier run
         shutil.rmtree(out_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
-    args = [str(env.tool("llm_convert.py")), *llm_convert_args(model_dir, fmt, seq_len, out_dir)]
+    args = [str(env.tool("llm_convert.py")), *make_args(model_dir, out_dir)]
     rc = env.run(args, cwd=work_dir, log=log, timeout_s=timeout_s)
     if rc != 0:
         raise VerifyError(f"llm_convert.py failed (exit {rc}): {' '.join(args)}\n"
