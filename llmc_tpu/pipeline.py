@@ -23,7 +23,7 @@ from llmc_tpu.export.formats import EXPORTS, export_options, write_exports
 from llmc_tpu.export.gptq_checkpoint import FOLDER as GPTQ_FOLDER
 from llmc_tpu.export.gptq_checkpoint import llm_convert_auto_command, save_gptq_checkpoint
 from llmc_tpu.export.hf_folder import save_hf_folder
-from llmc_tpu.export.onnx import save_onnx
+from llmc_tpu.export.onnx import check_exportable, save_onnx
 from llmc_tpu.export.output_dir import OutputDir
 from llmc_tpu.fake_quant import QuantResults, apply_fake_quant, fake_quantized, quantize_block
 from llmc_tpu.methods import METHODS
@@ -115,6 +115,8 @@ class Quantizer:
                 loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype,
                                     cfg.model.tokenizer_mode, cfg.model.trust_remote_code)
             self.device = pick_device(cfg.run.device)
+            if cfg.save.save_onnx:  # refuse what the ONNX pieces would get wrong, before any work
+                check_exportable(loaded.model, loaded.spec, cfg.run.seq_length)
             self._describe(loaded)
             eval_windows = self._eval_windows(loaded)
             preds: dict[str, dict[str, PplResult]] = {}

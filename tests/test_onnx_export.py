@@ -23,7 +23,6 @@ from llmc_tpu.export.onnx.compile_sh import compile_script, piece_commands  # no
 from llmc_tpu.export.onnx.graph import run_onnx  # noqa: E402
 from llmc_tpu.export.onnx.pieces import causal_mask, decode_mask  # noqa: E402
 from llmc_tpu.models.loading import load_model  # noqa: E402
-from llmc_tpu.pipeline import Quantizer  # noqa: E402
 from llmc_tpu.tpu.rtn import TpuWeightFormat, quantize_weight  # noqa: E402
 from llmc_tpu.verify.compare import compare_linear  # noqa: E402
 from llmc_tpu.verify.onnx_path import read_onnx_lowered  # noqa: E402
@@ -185,6 +184,8 @@ def test_onnx_path_lowered_names_are_read(op):
 
 
 def test_pipeline_writes_onnx_and_reports_errors(tmp_path, eval_txt):
+    from llmc_tpu.pipeline import Quantizer
+
     model = make_tiny_model(tmp_path / "m", "llama", heads=4, kv_heads=2, tie=True)
     save = tmp_path / "out"
     cfg = parse_config({"model": {"path": str(model)}, "eval": {"eval_pos": []}, "quant": {"method": "RTN"},
@@ -200,3 +201,38 @@ def test_pipeline_writes_onnx_and_reports_errors(tmp_path, eval_txt):
 def test_gptq_with_save_onnx_is_refused():
     with pytest.raises(ConfigError, match="save.save_onnx"):
         parse_config({"model": {"path": "m"}, "quant": {"method": "GPTQ"}, "save": {"save_path": "s", "save_onnx": True}})
+
+
+def test_pieces_over_the_protobuf_limit_keep_their_weights_in_a_side_file(tmp_path, monkeypatch):
+    from llmc_tpu.export.onnx import graph
+    from llmc_tpu.export.onnx.pieces import LmHead
+
+    monkeypatch.setattr(graph, "_PROTOBUF_LIMIT", 1000)  # stands in for 2 GiB
+    head = torch.nn.Linear(64, 300, bias=False)
+    piece = LmHead(torch.nn.LayerNorm(64), head).eval()
+    x = torch.randn(1, 64)
+    path = graph.export_piece(piece, {"hidden_states": x}, ["m_logits"], tmp_path / "lm_head.onnx", {"lm_head": head})
+    assert (tmp_path / "lm_head.onnx.data").stat().st_size >= 64 * 300 * 4
+    with torch.no_grad():
+        assert graph.max_rel_error(run_onnx(path, {"hidden_states": x})[0], piece(x)) < TOLERANCE
+
+
+def test_models_the_pieces_would_get_wrong_are_refused_before_any_work():
+    from llmc_tpu.export.onnx import OnnxExportError, check_exportable
+    from llmc_tpu.models.registry import REGISTRY
+
+    with pytest.raises(ConfigError, match="save.save_onnx"):
+        parse_config({"model": {"path": "m"}, "quant": {"method": "RTN"}, "run": {"task_type": "VLM"},
+                      "save": {"save_path": "s", "save_onnx": True}})
+    import transformers
+
+    mistral = transformers.MistralForCausalLM(transformers.MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        vocab_size=64, sliding_window=32))
+    check_exportable(mistral, REGISTRY["mistral"], 32)
+    with pytest.raises(OnnxExportError, match="sliding window of 32"):
+        check_exportable(mistral, REGISTRY["mistral"], 64)
+    vlm = next((s for s in REGISTRY.values() if getattr(s, "vision", ())), None)
+    if vlm is not None:
+        with pytest.raises(OnnxExportError, match="text-only"):
+            check_exportable(mistral, vlm, 32)

@@ -160,6 +160,9 @@ def _check_values(cfg: RunConfig) -> list[Problem]:
                                 f"{cfg.quant.weight.bit}; use save_gptq or save_vllm", True))
     if cfg.save.save_onnx and not all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime")):
         problems.append(Problem("save.save_onnx", "needs onnx and onnxruntime: pip install 'llmc_tpu[onnx]'", True))
+    if cfg.save.save_onnx and cfg.run.task_type == "VLM":
+        problems.append(Problem("save.save_onnx", "the ONNX export covers text-only models (no vision encoder); "
+                                "for a VLM use llm_convert.py on transformed_model", True))
     if "vision" in cfg.quant.quant_objects and cfg.run.task_type != "VLM":
         problems.append(Problem("quant.quant_objects", "'vision' needs run.task_type: VLM", cfg.quant.quant_objects))
     if cfg.quant.method == "GPTQ":

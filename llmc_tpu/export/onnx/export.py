@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,19 @@ TOLERANCE = 1e-3  # onnxruntime vs torch, max relative error, fp32
 log = logging.getLogger("llmc_tpu")
 
 
+def check_exportable(model: nn.Module, spec: ModelSpec, seq_length: int) -> None:
+    """Refuse, before any work, a model these pieces would get wrong."""
+    if getattr(spec, "vision", ()):
+        raise OnnxExportError(f"save.save_onnx exports text-only models; {spec.display_name} is a VLM (vision encoder and "
+                              "its position scheme are not exported): use llm_convert.py on transformed_model")
+    DecoderLayout.from_spec(spec)
+    cfg = model.config
+    window = getattr(cfg, "sliding_window", None)
+    if window and getattr(cfg, "use_sliding_window", True) and seq_length > window:
+        raise OnnxExportError(f"the model attends within a sliding window of {window} tokens but the ONNX blocks attend "
+                              f"to all run.seq_length {seq_length}: set run.seq_length <= {window}")
+
+
 @dataclass
 class OnnxModel:
     """What the export needs to know about one model: its modules and the deployed shapes."""
@@ -56,11 +70,7 @@ class OnnxModel:
     sin: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        cfg = self.model.config
-        window = getattr(cfg, "sliding_window", None)
-        if window and getattr(cfg, "use_sliding_window", True) and self.seq_length > window:
-            raise OnnxExportError(f"the model attends within a sliding window of {window} tokens but the ONNX blocks attend "
-                                  f"to all run.seq_length {self.seq_length}: set run.seq_length <= {window}")
+        check_exportable(self.model, self.spec, self.seq_length)
         self.layout = DecoderLayout.from_spec(self.spec)
         blocks = self.model.get_submodule(self.spec.blocks)
         self.shape = AttentionShape.from_model(self.model.config, blocks[0].get_submodule(self.layout.attn))
@@ -79,7 +89,7 @@ class OnnxModel:
         return cls(blk, self.layout, self.shape, self.cos, self.sin)
 
     def block_inputs(self, cache: bool = False, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Deterministic check inputs for a prefill or decode block (history from the prefill of block 0)."""
+        """Deterministic check inputs for a prefill block, or a decode block at position S/2 with a random history."""
         s, g = self.seq_length, torch.Generator().manual_seed(seed)
         if not cache:
             return {"input_states": torch.randn(1, s, self.hidden, generator=g),
@@ -161,7 +171,7 @@ def export_heads(om: OnnxModel, out_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 def save_onnx(model: nn.Module, spec: ModelSpec, out_dir: Path, fmt: TpuWeightFormat, seq_length: int,
-              model_type: str, progress=None) -> dict[str, Any]:
+              model_type: str, progress: Callable[..., Iterable[int]] | None = None) -> dict[str, Any]:
     """Write every piece and compile.sh into ``out_dir``; return the report entry (max relative errors per piece).
 
     Raises OnnxExportError when onnxruntime disagrees with torch by more than TOLERANCE.

@@ -46,9 +46,16 @@ def export_piece(module: nn.Module, inputs: Mapping[str, torch.Tensor], output_n
     if linears:
         name_linears(model, linears)
     path.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(t.ByteSize() for t in model.graph.initializer) > _PROTOBUF_LIMIT
+    big = sum(_nbytes(t) for t in model.graph.initializer) > _PROTOBUF_LIMIT
     onnx.save_model(model, str(path), save_as_external_data=big, location=path.name + ".data" if big else None)
     return path
+
+
+def _nbytes(tensor) -> int:
+    """An initializer's size without serializing it (protobuf refuses to serialize more than 2 GiB)."""
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    return int(np.prod(tensor.dims, dtype=np.int64)) * tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 def name_linears(model, linears: Mapping[str, nn.Linear]) -> None:
