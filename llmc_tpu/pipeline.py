@@ -225,7 +225,7 @@ class Quantizer:
         with self.timer("eval data"):
             for name, path in zip(names, paths):
                 text = eval_text(name, path)
-                tokens = loaded.tokenizer(text, return_tensors="pt").input_ids[0]
+                tokens = loaded.tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]  # long on purpose
                 key = name if name not in ("custom_ppl", "custom_txt") else Path(path).stem
                 try:
                     out[key] = windows(tokens, ev.seq_len, max_windows=256 if name == "c4" else None)

@@ -77,7 +77,7 @@ def build_samples(texts: list[str], tokenizer, preproc: str, n_samples: int, seq
                 raise DataError(f"{source}: no document longer than calib.seq_len {seq_len} tokens")
         return torch.stack(windows), info
     if preproc in ("wikitext2_gptq", "ptb_gptq", "random_truncate_txt"):
-        tokens = torch.tensor(tokenizer(join.join(texts), add_special_tokens=False).input_ids)
+        tokens = torch.tensor(tokenizer(join.join(texts), add_special_tokens=False, verbose=False).input_ids)
         info["source_tokens"] = int(tokens.numel())
         return torch.stack(_random_windows(tokens, n_samples, seq_len, rng, source)), info
     raise DataError(f"calib.preproc {preproc!r}: allowed: {', '.join(PREPROCS)}")
