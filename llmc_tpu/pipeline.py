@@ -37,6 +37,10 @@ from llmc_tpu.tpu.rtn import TpuWeightFormat
 
 log = logging.getLogger("llmc_tpu")
 RESUME_FOLDER = "_resume"  # per-block checkpoints inside the output's temp folder
+W8_PER_CHANNEL_WARNING = (
+    "TPU-MLIR 1.30.2 stores W8 per-channel codes as signed int8 but computes with them read as unsigned "
+    "(-3 as 253; seen in its simulator on both the llm_convert and the ONNX path), so the chip will not compute "
+    "the fake_quant perplexity above. Use 8-bit per_group (e.g. group_size 64) until TPU-MLIR is fixed.")
 
 
 class PipelineError(RuntimeError):
@@ -270,6 +274,9 @@ class Quantizer:
         fmt = self.fmt
         self.report.tpu_format = {**asdict(fmt), "name": fmt.llm_convert_quantize.upper(),
                                   "granularity": "per_channel" if fmt.per_channel else f"per_group g{fmt.group_size}"}
+        if fmt.per_channel and fmt.bits == 8:
+            self.report.warnings.append(W8_PER_CHANNEL_WARNING)
+            log.warning(W8_PER_CHANNEL_WARNING)
 
     def _summarize_quant(self, results: QuantResults) -> None:
         float_rows = sum(r.float_rows.shape[0] for r in results.values())

@@ -46,6 +46,7 @@ class RunReport:
     onnx: dict[str, Any] = field(default_factory=dict)  # save_onnx: pieces and their max relative error vs torch
     exports: dict[str, dict[str, Any]] = field(default_factory=dict)  # GPU exports: folder, status, serving kernels
     next_steps: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # what the user must know about this result
     versions: dict[str, str] = field(default_factory=versions)
 
     def to_json(self) -> dict[str, Any]:
@@ -63,6 +64,7 @@ class RunReport:
 
     def summary(self) -> str:
         lines = ["", "Perplexity (token level, lower is better)", self.ppl_table()]
+        lines += [f"WARNING: {w}" for w in self.warnings]
         for name, value in self.token_consistency.items():
             lines.append(f"token consistency fake_quant vs pretrain on {name}: {value:.4f}")
         q = self.quantized

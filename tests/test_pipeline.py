@@ -99,7 +99,8 @@ def test_shapes_tpu_mlir_gets_wrong_are_refused(tmp_path, eval_txt):
     with pytest.raises(PreflightError, match="signed codes read as unsigned"):
         Quantizer(parse_config(cfg), progress=False).run()
     cfg["run"] = {"chip": "bm1688"}  # 32 NPUs: k/v keep their codes
-    Quantizer(parse_config(cfg), progress=False).run()
+    report = Quantizer(parse_config(cfg), progress=False).run()
+    assert any("computes with them read as unsigned" in w for w in report.warnings)  # TPU-MLIR 1.30.2's W8 per-channel bug
     odd = make_tiny_model(tmp_path / "odd", "llama", hidden=192, heads=3, kv_heads=1)  # K = 192
     cfg = config(odd, eval_txt, tmp_path / "out2", weight={"bit": 4, "granularity": "per_channel"})
     with pytest.raises(PreflightError, match="multiple of 128"):
