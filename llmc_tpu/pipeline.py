@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from llmc_tpu import vlm_quant
 from llmc_tpu.config.load import tpu_format
 from llmc_tpu.config.schema import RunConfig
 from llmc_tpu.data.text import DataError, eval_text
@@ -76,6 +77,7 @@ def check_finite_outputs(inputs: list[BlockInput], prefix: str) -> None:
 
 
 def _head_dim(config) -> int:
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # VLMs: the language model's
     head_dim = getattr(config, "head_dim", None)
     return head_dim or config.hidden_size // config.num_attention_heads
 
@@ -102,6 +104,8 @@ class Quantizer:
         self.progress = progress
         self.timer = _Timer()
         self.report = RunReport(config=cfg.model_dump())
+        self.vision_results: QuantResults = {}  # quant_objects [vision, language]: fake-quant only (TPU keeps it bf16)
+        self.vlm_eval: dict[str, vlm_quant.VlmEvalSet] = {}
 
     def _bar(self, iterable, **kwargs):
         return tqdm(iterable, disable=not self.progress, leave=False, **kwargs)
@@ -117,7 +121,8 @@ class Quantizer:
                 log.info("resuming after block %d of an interrupted run", self.ckpt.done_blocks - 1)
             with self.timer("load"):
                 loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype,
-                                    cfg.model.tokenizer_mode, cfg.model.trust_remote_code)
+                                    cfg.model.tokenizer_mode, cfg.model.trust_remote_code,
+                                    cfg.calib.min_pixels, cfg.calib.max_pixels)
             self.device = pick_device(cfg.run.device)
             if cfg.save.save_onnx:  # refuse what the ONNX pieces would get wrong, before any work
                 check_exportable(loaded.model, loaded.spec, cfg.run.seq_length)
@@ -138,7 +143,7 @@ class Quantizer:
                     self.report.onnx = save_onnx(loaded.model, loaded.spec, out.path("onnx"), self.fmt, cfg.run.seq_length,
                                                  loaded.model_type, progress=self._bar)
                 self.report.outputs["onnx"] = str(out.final / "onnx")
-            apply_fake_quant(loaded.model, results)
+            apply_fake_quant(loaded.model, {**results, **self.vision_results})
             self._evaluate("fake_quant", loaded, eval_windows, preds)
             if cfg.save.save_fake:
                 with self.timer("save"):
@@ -147,7 +152,8 @@ class Quantizer:
             if cfg.quant.method == "GPTQ":  # GPTQ's handoff: a checkpoint llm_convert -q auto reads with our codes
                 with self.timer("save"):
                     save_gptq_checkpoint(loaded.model, loaded.tokenizer, loaded.path, out.path(GPTQ_FOLDER), results,
-                                         self.fmt, meta={"damp_percent": cfg.quant.special["percdamp"], **cfg.quant.special})
+                                         self.fmt, meta={"damp_percent": cfg.quant.special["percdamp"], **cfg.quant.special},
+                                         original_keys=bool(loaded.spec.vision))
                 self.report.outputs[GPTQ_FOLDER] = str(out.final / GPTQ_FOLDER)
             gpu_exports = [key for key in EXPORTS if getattr(cfg.save, key)]
             if gpu_exports:  # AutoAWQ / GPTQ / compressed-tensors folders; a failed one is reported, the rest written
@@ -206,6 +212,8 @@ class Quantizer:
         per_block = [r for r in self.ckpt.state["block_reports"] if r]
         self.report.method = {"name": method.name, "special": self.cfg.quant.special, "blocks": per_block,
                               "calibration": "none (RTN needs no data)" if inputs is None else "see data.calib"}
+        if "vision" in self.cfg.quant.quant_objects:  # RTN on the TPU grid; the language blocks took the method
+            self.vision_results, self.report.method["vision"] = vlm_quant.quantize_vision(model, spec, self.fmt)
         return results
 
     # -- helpers ------------------------------------------------------------------------------
@@ -213,7 +221,10 @@ class Quantizer:
         from llmc_tpu.data.calib import calibration_batches
 
         with self.timer("calibration data"):
-            batches, info = calibration_batches(self.cfg.calib, loaded.tokenizer)
+            if self.cfg.calib.name == "custom_mm":  # images + text through the VLM's processor
+                batches, info = vlm_quant.calibration_batches(self.cfg.calib, loaded.processor)
+            else:
+                batches, info = calibration_batches(self.cfg.calib, loaded.tokenizer)
             self.report.data["calib"] = info
             return capture_block_inputs(loaded.model, loaded.spec, batches, store_device=self.device)
 
@@ -228,6 +239,9 @@ class Quantizer:
         out = {}
         with self.timer("eval data"):
             for name, path in zip(names, paths):
+                if vlm_quant.is_vlm_eval(name, path):  # answer perplexity or MME on a samples.json folder
+                    self.vlm_eval.update(vlm_quant.eval_sets(name, path, loaded, self.cfg, self.report))
+                    continue
                 text = eval_text(name, path)
                 tokens = loaded.tokenizer(text, return_tensors="pt", verbose=False).input_ids[0]  # long on purpose
                 key = name if name not in ("custom_ppl", "custom_txt") else Path(path).stem
@@ -262,8 +276,11 @@ class Quantizer:
                 self.report.ppl.setdefault(pos, {})[name] = result.ppl
                 preds.setdefault(pos, {})[name] = result
                 log.info("%s ppl on %s: %.4f", pos, name, result.ppl)
+            for name, vlm_set in self.vlm_eval.items():
+                vlm_quant.evaluate(pos, name, vlm_set, loaded, self.device, self.cfg.eval.inference_per_block, self.report,
+                                   self._bar)
         if pos == "pretrain":
-            self.ckpt.save_eval(pos, self.report.ppl[pos], {n: r.predictions for n, r in preds[pos].items()})
+            self.ckpt.save_eval(pos, self.report.ppl.get(pos, {}), {n: r.predictions for n, r in preds.get(pos, {}).items()})
 
     def _describe(self, loaded: LoadedModel) -> None:
         n_params = sum(p.numel() for p in loaded.model.parameters())
@@ -271,6 +288,9 @@ class Quantizer:
                              "family": loaded.spec.display_name, "parameters": n_params,
                              "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
                              "llm_convert_supported": loaded.spec.llm_convert, "device": str(self.device)}
+        if loaded.spec.vision:
+            self.report.model["vision"] = {"modules": list(loaded.spec.vision), "processor": loaded.processor.settings,
+                                           "quantized": "vision" in self.cfg.quant.quant_objects}
         fmt = self.fmt
         self.report.tpu_format = {**asdict(fmt), "name": fmt.llm_convert_quantize.upper(),
                                   "granularity": "per_channel" if fmt.per_channel else f"per_group g{fmt.group_size}"}

@@ -83,6 +83,25 @@ def _n_blocks(folder: Path) -> int:
     return int(cfg.get("num_hidden_layers", 0))
 
 
+def _checkpoint_layout(shapes: dict[str, tuple[int, ...]], spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """Shapes keyed as the model names them: VLM checkpoints keep their original layout (``model.layers``,
+    ``language_model.model.layers``), which transformers renames to ``model.language_model.layers`` on load."""
+    if not spec.vision:
+        return shapes
+    probe = f".0.{spec.linear_names[0]}.weight"
+    for prefix in (spec.blocks, "model.layers", "language_model.model.layers", "language_model.layers"):
+        if prefix + probe in shapes:
+            return {spec.blocks + k[len(prefix):]: v for k, v in shapes.items() if k.startswith(prefix + ".")}
+    return shapes
+
+
+def vlm_problems(cfg: RunConfig, spec: ModelSpec) -> list[str]:
+    """A VLM needs run.task_type VLM (its data and defaults differ)."""
+    if cfg.run.task_type != "VLM":
+        return [f"model.path: {spec.display_name} is a vision-language model; set run.task_type: VLM"]
+    return []
+
+
 def save_path_problems(save_path: str, overwrite: bool, needed_bytes: int) -> list[str]:
     final = Path(save_path).expanduser().resolve()
     if final.exists() and not overwrite:
@@ -110,14 +129,21 @@ def preflight(cfg: RunConfig, fmt: TpuWeightFormat, overwrite: bool, needs_calib
         spec, _ = resolve_spec(folder, cfg.model.type)
         shapes, weight_bytes, file_problems = weight_shapes(folder)
         problems += file_problems
+        if spec.vision:
+            problems += vlm_problems(cfg, spec)
         if not file_problems and shapes:
-            problems += shape_problems(shapes, spec, fmt, _n_blocks(folder))
+            problems += shape_problems(_checkpoint_layout(shapes, spec), spec, fmt, _n_blocks(folder))
     except ModelLoadError as exc:
         problems.append(str(exc))
         weight_bytes = 0
     if needs_calibration:
         try:
-            resolve_path("calib", cfg.calib.name, cfg.calib.path)
+            if cfg.calib.name == "custom_mm":
+                from llmc_tpu.data.multimodal import DEFAULT_CALIB, default_folder, load_samples
+
+                load_samples(cfg.calib.path or default_folder(DEFAULT_CALIB), need_answer=cfg.calib.add_answer)
+            else:
+                resolve_path("calib", cfg.calib.name, cfg.calib.path)
         except DataError as exc:
             problems.append(str(exc))
     if cfg.eval.eval_pos:
@@ -125,9 +151,18 @@ def preflight(cfg: RunConfig, fmt: TpuWeightFormat, overwrite: bool, needs_calib
         paths = cfg.eval.path if isinstance(cfg.eval.path, list) else [cfg.eval.path] * len(names)
         for name, path in zip(names, paths):
             try:
-                resolve_path("eval", name, path)
+                from llmc_tpu.vlm_quant import eval_path, is_vlm_eval
+
+                if is_vlm_eval(name, path):
+                    from llmc_tpu.data.multimodal import load_samples
+
+                    load_samples(eval_path(name, path))
+                else:
+                    resolve_path("eval", name, path)
             except DataError as exc:
                 problems.append(str(exc))
+    if spec is not None and not spec.vision and cfg.run.task_type == "VLM":
+        problems.append(f"run.task_type is VLM but {spec.display_name} has no vision tower; set run.task_type: LLM")
     if cfg.run.device.startswith("cuda"):
         import torch
 

@@ -39,6 +39,7 @@ class RunReport:
     data: dict[str, Any] = field(default_factory=dict)
     ppl: dict[str, dict[str, float]] = field(default_factory=dict)
     token_consistency: dict[str, float] = field(default_factory=dict)
+    vqa: dict[str, dict[str, Any]] = field(default_factory=dict)  # VLMs: eval_pos -> set -> MME-style accuracy
     quantized: dict[str, Any] = field(default_factory=dict)
     method: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -67,6 +68,9 @@ class RunReport:
         lines += [f"WARNING: {w}" for w in self.warnings]
         for name, value in self.token_consistency.items():
             lines.append(f"token consistency fake_quant vs pretrain on {name}: {value:.4f}")
+        for pos, sets in self.vqa.items():
+            for name, r in sets.items():
+                lines.append(f"{pos} {name}: accuracy {r['acc']:.4f}, score {r['score']:.1f} ({r['questions']} questions)")
         q = self.quantized
         if q:
             lines.append(f"\nquantized Linears: {q.get('n_linears', 0)} ({q.get('format', '')}); "
@@ -107,6 +111,21 @@ class RunReport:
             lines.append("")
         return lines
 
+    def data_markdown(self) -> list[str]:
+        """Which data the run used (calibration and evaluation), and MME-style accuracies."""
+        lines = ["## Data", ""] if self.data or self.vqa else []
+        for purpose, info in self.data.items():
+            if purpose == "calib":
+                lines.append(f"- calib: {info.get('name')} from `{info.get('path')}` "
+                             + ", ".join(f"{k} {info[k]}" for k in ("used_samples", "n_samples", "seq_len", "bs") if k in info))
+                lines += [f"  - {n}" for n in info.get("notes", [])]
+            else:
+                lines += [f"- {purpose} {name}: {v.get('name')} from `{v.get('path')}`" for name, v in info.items()]
+        for pos, sets in self.vqa.items():
+            lines += [f"- {pos} {name}: accuracy {r['acc']:.4f}, acc+ per category and score {r['score']:.1f} in report.json"
+                      for name, r in sets.items()]
+        return lines + ([""] if lines else [])
+
     def write(self, folder: Path) -> None:
         (folder / "report.json").write_text(json.dumps(self.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
         (folder / "report.md").write_text(self.markdown(), encoding="utf-8")
@@ -118,6 +137,7 @@ class RunReport:
             f"Model: `{self.model.get('path')}` ({self.model.get('model_type')}); method "
             f"{self.config['quant']['method']}; TPU format {self.tpu_format.get('name')} on {self.tpu_format.get('chip')}.", "",
             "## Perplexity", "", self.ppl_table(), "",
+            *self.data_markdown(),
             "## Next steps", "", *[f"    {s}" for s in self.next_steps], "",
             *self.exports_markdown(),
             "## Timings (s)", "", *[f"- {k}: {v:.2f}" for k, v in self.timings_s.items()], "",

@@ -165,6 +165,16 @@ def _check_values(cfg: RunConfig) -> list[Problem]:
                                 "for a VLM use llm_convert.py on transformed_model", True))
     if "vision" in cfg.quant.quant_objects and cfg.run.task_type != "VLM":
         problems.append(Problem("quant.quant_objects", "'vision' needs run.task_type: VLM", cfg.quant.quant_objects))
+    if "language" not in cfg.quant.quant_objects:
+        problems.append(Problem("quant.quant_objects", "must include 'language' ([language] or [vision, language])",
+                                cfg.quant.quant_objects))
+    if cfg.calib.name == "custom_mm" and cfg.run.task_type != "VLM":
+        problems.append(Problem("calib.name", "custom_mm (images + text) needs run.task_type: VLM", "custom_mm"))
+    if cfg.run.task_type == "VLM":
+        for key in ("save_vllm", "save_sgl", "save_autoawq", "save_gptq"):  # save_onnx: refused above
+            if getattr(cfg.save, key):
+                problems.append(Problem(f"save.{key}", "not available for VLMs in this version; VLMs are saved as "
+                                        "transformed_model / fake_quant_model (and gptq_tpu_model for GPTQ)", True))
     if cfg.quant.method == "GPTQ":
         problems += _check_gptq(cfg)
     return problems
@@ -195,7 +205,31 @@ def _fill_defaults(cfg: RunConfig) -> None:
         cfg.quant.weight.group_size = -1
     if cfg.calib.seed is None:
         cfg.calib.seed = cfg.base.seed
+    if cfg.run.task_type == "VLM":
+        _fill_vlm_defaults(cfg)
     if cfg.calib.name is None:
         cfg.calib.name = DEFAULT_CALIB[cfg.quant.method][0]
     if cfg.calib.preproc is None and cfg.calib.name is not None:
         cfg.calib.preproc = DEFAULT_PREPROC.get(cfg.calib.name)
+
+
+VLM_CALIB_DEFAULTS = {"n_samples": 8, "seq_len": 512, "bs": 1, "padding": True, "apply_chat_template": True,
+                      "add_answer": True}
+
+
+def _fill_vlm_defaults(cfg: RunConfig) -> None:
+    """llmc-tpu's VLM defaults: calib general_custom_data (custom_mm, chat template, answers), eval answer ppl on
+    the shipped eval folder; keys the config sets are kept."""
+    from llmc_tpu.data.multimodal import DEFAULT_CALIB, DEFAULT_EVAL, default_folder
+
+    if cfg.calib.name is None and cfg.quant.method != "RTN":
+        cfg.calib.name = "custom_mm"
+        if cfg.calib.path is None:
+            cfg.calib.path = default_folder(DEFAULT_CALIB)
+        for key, value in VLM_CALIB_DEFAULTS.items():
+            if key not in cfg.calib.model_fields_set:
+                setattr(cfg.calib, key, value)
+    if "name" not in cfg.eval.model_fields_set:
+        cfg.eval.name = "custom_ppl"
+        if cfg.eval.path is None:
+            cfg.eval.path = default_folder(DEFAULT_EVAL)

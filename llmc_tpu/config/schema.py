@@ -33,7 +33,7 @@ class ModelSection(Section):
 
 
 class CalibSection(Section):
-    name: Optional[str] = Field(None, description="pileval, wikitext2, c4, ptb, custom_txt; default by method")
+    name: Optional[str] = Field(None, description="pileval, wikitext2, c4, ptb, custom_txt, custom_mm (VLM); default by method")
     download: bool = False
     path: Optional[str] = None
     n_samples: int = Field(128, gt=0)
@@ -44,6 +44,8 @@ class CalibSection(Section):
     padding: bool = False
     apply_chat_template: bool = False
     add_answer: bool = False
+    min_pixels: Optional[int] = Field(None, gt=0, description="VLM image size floor (Qwen-VL); default 4*28*28")
+    max_pixels: Optional[int] = Field(None, gt=0, description="VLM image size cap (Qwen-VL); default 256*28*28, fits 24 GB")
 
 
 class EvalSection(Section):

@@ -65,9 +65,13 @@ def _detach(v: Any) -> Any:
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, spec: ModelSpec, batches: Iterable[torch.Tensor],
+def capture_block_inputs(model: nn.Module, spec: ModelSpec, batches: Iterable[torch.Tensor | dict[str, Any]],
                          store_device: torch.device | str = "cpu") -> list[BlockInput]:
-    """Run the model up to its first block for each batch of token ids and keep the block inputs."""
+    """Run the model up to its first block for each batch and keep the block inputs.
+
+    A batch is token ids, or a dict of model inputs (a VLM's ids, pixel values, grids, masks): then the
+    multimodal prefill builds the first block's hidden states (image embeddings included) and kwargs.
+    """
     blocks = blocks_of(model, spec)
     first = blocks[0]
     captured: list[BlockInput] = []
@@ -75,7 +79,10 @@ def capture_block_inputs(model: nn.Module, spec: ModelSpec, batches: Iterable[to
     try:
         for ids in batches:
             try:
-                model(input_ids=ids, use_cache=False)
+                if isinstance(ids, dict):
+                    model(**ids, use_cache=False)
+                else:
+                    model(input_ids=ids, use_cache=False)
             except _StopForward:
                 pass
     finally:

@@ -120,14 +120,22 @@ def _float_state(model: nn.Module, skip: set[str], dtype: torch.dtype) -> dict[s
 
 
 def save_gptq_checkpoint(model: nn.Module, tokenizer, source: Path, dest: Path, results: dict[str, TpuQuantizedWeight],
-                         fmt: TpuWeightFormat, meta: dict[str, Any] | None = None) -> Path:
-    """Write ``dest``: ``results`` (keyed by Linear name) as GPTQ tensors, every other tensor in fmt's activation dtype."""
+                         fmt: TpuWeightFormat, meta: dict[str, Any] | None = None, original_keys: bool = False) -> Path:
+    """Write ``dest``: ``results`` (keyed by Linear name) as GPTQ tensors, every other tensor in fmt's activation dtype.
+
+    ``original_keys``: name the tensors as the published checkpoint does (VLMs: transformers 5 renames
+    ``model.layers`` to ``model.language_model.layers`` on load; TPU-MLIR reads the original names).
+    """
     tensors: dict[str, torch.Tensor] = {}
     for name, q in results.items():
         if q.fmt != fmt:
             raise CheckpointError(f"{name}: quantized as {q.fmt}, checkpoint format {fmt}")
         tensors.update(linear_tensors(name, q))
     tensors.update(_float_state(model, {f"{n}.weight" for n in results}, fmt.torch_scale_dtype))
+    if original_keys:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        tensors = dict(revert_weight_conversion(model, tensors))
     dest.mkdir(parents=True, exist_ok=False)
     copy_side_files(Path(source), dest)
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +28,7 @@ class LoadedModel:
     spec: ModelSpec
     path: Path  # local folder (hub ids resolved through the HF cache)
     model_type: str
+    processor: Any = None  # VLMs: a models.vlm.VlmProcessor (tokenizer, image processor, chat template)
 
 
 def resolve_model_path(path_or_id: str) -> Path:
@@ -71,6 +74,16 @@ def resolve_spec(folder: Path, declared_type: str | None) -> tuple[ModelSpec, st
         raise ModelLoadError(
             f"model_type {model_type!r} (config.json) is not supported; supported: {', '.join(supported_names())}"
         )
+    if spec.text_from_config:  # Llava / InternVL: the language blocks are those of text_config's family
+        text_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("text_config", {}).get("model_type", "llama")
+        text_spec = find_spec(text_type)
+        if text_spec is None or text_spec.vision:
+            raise ModelLoadError(f"{model_type} with a {text_type!r} language model is not supported; language models "
+                                 f"supported: {', '.join(n for n in supported_names() if not find_spec(n).vision)}")
+        paths = ("model_type", "display_name", "blocks", "embeddings", "rotary", "final_norm", "lm_head", "aliases",
+                 "vision", "text_from_config")
+        spec = dataclasses.replace(text_spec, llm_convert=spec.llm_convert and text_spec.llm_convert,
+                                   **{k: getattr(spec, k) for k in paths})
     if declared_type is not None:
         declared = find_spec(declared_type)
         if declared is None:
@@ -83,23 +96,33 @@ def resolve_spec(folder: Path, declared_type: str | None) -> tuple[ModelSpec, st
 
 
 def load_model(path_or_id: str, declared_type: str | None = None, torch_dtype: str = "auto",
-               tokenizer_mode: str = "fast", trust_remote_code: bool = False) -> LoadedModel:
-    """Load on the CPU from safetensors (never unpickled weights)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+               tokenizer_mode: str = "fast", trust_remote_code: bool = False, min_pixels: int | None = None,
+               max_pixels: int | None = None) -> LoadedModel:
+    """Load on the CPU from safetensors (never unpickled weights); a VLM with its processor (image size limits)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     folder = resolve_model_path(path_or_id)
     spec, model_type = resolve_spec(folder, declared_type)
     if not any(folder.glob("*.safetensors")):
         raise ModelLoadError(f"{folder}: no *.safetensors weights (pickled .bin weights are not loaded, for safety)")
     dtype = "auto" if torch_dtype == "auto" else getattr(torch, torch_dtype)
-    model = AutoModelForCausalLM.from_pretrained(
+    auto_class = AutoModelForImageTextToText if spec.vision else AutoModelForCausalLM
+    model = auto_class.from_pretrained(
         folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code, device_map=None
     )
     model.eval()
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=tokenizer_mode == "fast", trust_remote_code=trust_remote_code)
+    processor = None
+    if spec.vision:
+        from llmc_tpu.models.vlm import VlmError, load_processor
+
+        try:
+            processor = load_processor(folder, model_type, model.config, tokenizer, min_pixels, max_pixels)
+        except VlmError as exc:
+            raise ModelLoadError(str(exc)) from None
     log.info("loaded %s (%s, %s) from %s", spec.display_name, model_type, next(model.parameters()).dtype, folder)
-    return LoadedModel(model, tokenizer, spec, folder, model_type)
+    return LoadedModel(model, tokenizer, spec, folder, model_type, processor)
 
 
 def get_module(root: nn.Module, dotted: str) -> nn.Module:
