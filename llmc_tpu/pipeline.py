@@ -32,7 +32,7 @@ from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.loading import LoadedModel, load_model
 from llmc_tpu.models.registry import ModelSpec
 from llmc_tpu.preflight import preflight
-from llmc_tpu.resume import Checkpoints
+from llmc_tpu.resume import Checkpoints, NoCheckpoints
 from llmc_tpu.report import RunReport, llm_convert_command
 from llmc_tpu.tpu.rtn import TpuWeightFormat
 
@@ -101,6 +101,7 @@ class Quantizer:
         self.fmt = tpu_format(cfg)
         self.overwrite = overwrite
         self.resume = resume
+        self.ckpt: Checkpoints | NoCheckpoints = NoCheckpoints()  # run() replaces it with the output's store
         self.progress = progress
         self.timer = _Timer()
         self.report = RunReport(config=cfg.model_dump())

@@ -103,3 +103,21 @@ class Checkpoints:
         tensors = load_file(path)
         return {name: TpuQuantizedWeight(TpuWeightFormat(**m["fmt"]), *(tensors[f"{name}::{fld}"] for fld in _TENSORS),
                                          signed=m["signed"], folded=m["folded"]) for name, m in meta.items()}
+
+
+class NoCheckpoints:
+    """The same interface, keeping nothing on disk (a Quantizer used without ``run()``)."""
+
+    done_blocks = 0
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] = {"block_reports": []}
+
+    def save_eval(self, pos: str, ppl: dict[str, float], predictions: dict[str, torch.Tensor | None]) -> None:
+        pass
+
+    def load_eval(self, pos: str) -> None:
+        return None
+
+    def save_block(self, index: int, block: nn.Module, results: QuantResults, report: dict[str, Any]) -> None:
+        self.state["block_reports"].append(report)
