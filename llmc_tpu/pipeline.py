@@ -137,7 +137,7 @@ class Quantizer:
             if cfg.save.save_trans:
                 with self.timer("save"):
                     save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("transformed_model"),
-                                   dtype=self.fmt.handoff_dtype)
+                                   dtype=self.fmt.handoff_dtype, source_config=bool(loaded.spec.vision))
                 self.report.outputs["transformed_model"] = str(out.final / "transformed_model")
             if cfg.save.save_onnx:  # the same float weights, as per-piece ONNX graphs + compile.sh
                 with self.timer("save onnx"):
@@ -148,7 +148,8 @@ class Quantizer:
             self._evaluate("fake_quant", loaded, eval_windows, preds)
             if cfg.save.save_fake:
                 with self.timer("save"):
-                    save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("fake_quant_model"))
+                    save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("fake_quant_model"),
+                                   source_config=bool(loaded.spec.vision))
                 self.report.outputs["fake_quant_model"] = str(out.final / "fake_quant_model")
             if cfg.quant.method == "GPTQ":  # GPTQ's handoff: a checkpoint llm_convert -q auto reads with our codes
                 with self.timer("save"):
@@ -325,4 +326,7 @@ class Quantizer:
         if self.cfg.save.save_onnx:
             steps.append(f"PATH=$HOME/.cache/llmc_tpu/tpu-mlir-1.30.2/venv/bin:$PATH bash {final / 'onnx' / 'compile.sh'}")
             steps.append(f"llmc-tpu verify --onnx {final}")
+        if "vision" in self.report.model:  # Qwen-VL: llm_convert needs the image size it compiles the tower for
+            flags = vlm_quant.llm_convert_flags(self.report.model["model_type"], self.report.model["vision"]["processor"])
+            steps = [s + flags if s.startswith("llm_convert.py") else s for s in steps]
         self.report.next_steps = steps

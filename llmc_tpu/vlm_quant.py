@@ -95,6 +95,14 @@ def evaluate(pos: str, name: str, vlm_set: VlmEvalSet, loaded, device: torch.dev
         log.info("%s %s accuracy %.4f, score %.1f", pos, name, result["acc"], result["score"])
 
 
+def llm_convert_flags(model_type: str, processor_settings: dict[str, Any]) -> str:
+    """llm_convert.py's image size for a Qwen-VL (it refuses to guess): the largest square within max_pixels."""
+    if model_type not in ("qwen2_vl", "qwen2_5_vl"):
+        return ""
+    side = max(28, int(processor_settings.get("max_pixels", 256 * 28 * 28) ** 0.5) // 28 * 28)
+    return f" --max_pixels {side},{side}"
+
+
 def quantize_vision(model: nn.Module, spec: ModelSpec, fmt: TpuWeightFormat) -> tuple[QuantResults, dict[str, Any]]:
     """TPU-grid RTN of every Linear of the vision tower and projector (``quant_objects: [vision, language]``).
 

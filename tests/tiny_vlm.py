@@ -45,8 +45,28 @@ def _save_processor(folder: Path, image_processor, tokenizer, chat_template: str
     (folder / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
 
 
-def make_tiny_qwen2_vl(folder: Path, version: str = "qwen2_vl", seed: int = 0) -> Path:
-    """A 2-block Qwen2-VL (or Qwen2.5-VL with ``version='qwen2_5_vl'``) with its processor."""
+def _published_config(path: Path) -> None:
+    """Rewrite a Qwen-VL config.json in the layout the published checkpoints have (transformers 4.4x: text keys at
+    the top level, ``rope_scaling`` with the M-RoPE sections), which TPU-MLIR reads and transformers 5 converts."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    text = cfg.pop("text_config")
+    rope = text.pop("rope_parameters")
+    for key in ("model_type", "dtype", "architectures"):
+        text.pop(key, None)
+    cfg.update(text)
+    cfg["rope_theta"] = rope.get("rope_theta", 10000.0)
+    cfg["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    cfg["vision_config"].pop("rope_parameters", None)
+    cfg["torch_dtype"] = cfg.pop("dtype", "bfloat16")
+    path.write_text(json.dumps(cfg, indent=2), encoding="utf-8")
+
+
+def make_tiny_qwen2_vl(folder: Path, version: str = "qwen2_vl", seed: int = 0, vision_dim: int = 64) -> Path:
+    """A 2-block Qwen2-VL (or Qwen2.5-VL with ``version='qwen2_5_vl'``) with its processor.
+
+    The vision config carries ``in_chans`` / ``spatial_patch_size`` as the published configs do (TPU-MLIR reads
+    them); ``vision_dim=160`` (2 heads of 80, the head size TPU-MLIR's converter assumes) compiles with llm_convert.
+    """
     import transformers
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -57,10 +77,11 @@ def make_tiny_qwen2_vl(folder: Path, version: str = "qwen2_vl", seed: int = 0) -
     vision = dict(depth=1, hidden_size=128, num_heads=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
     if version == "qwen2_vl":
         cfg_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
-        vision.update(embed_dim=64, mlp_ratio=2)
+        vision.update(embed_dim=vision_dim, mlp_ratio=2, in_chans=3, spatial_patch_size=14)
     else:
         cfg_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
-        vision.update(hidden_size=64, out_hidden_size=128, intermediate_size=128, window_size=56, fullatt_block_indexes=[0])
+        vision.update(hidden_size=vision_dim, out_hidden_size=128, intermediate_size=2 * vision_dim, window_size=56,
+                      fullatt_block_indexes=[0], in_chans=3, spatial_patch_size=14)
     cfg = cfg_cls(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                   video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                   vision_end_token_id=ids["<|vision_end|>"], bos_token_id=0, eos_token_id=0)
@@ -68,6 +89,7 @@ def make_tiny_qwen2_vl(folder: Path, version: str = "qwen2_vl", seed: int = 0) -
     model = model_cls(cfg)
     _scale_weights(model)
     model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    _published_config(folder / "config.json")
     image_processor = Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 16, patch_size=14,
                                                merge_size=2, temporal_patch_size=2)
     _save_processor(folder, image_processor, tok, CHAT_TEMPLATE.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>"))

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from llmc_tpu.export.hf_folder import copy_side_files
+from llmc_tpu.export.hf_folder import copy_side_files, set_dtype_fields
 from llmc_tpu.tpu.chips import quantized_out_features
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat
 
@@ -140,11 +141,11 @@ def save_gptq_checkpoint(model: nn.Module, tokenizer, source: Path, dest: Path, 
     copy_side_files(Path(source), dest)
     save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(dest)
+    if original_keys:  # the published config too (see hf_folder.save_hf_folder's source_config)
+        shutil.copy2(Path(source) / "config.json", dest / "config.json")
     cfg_file = dest / "config.json"
     cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
-    cfg["dtype"] = fmt.scale_dtype  # llm_convert -q auto picks w*bf16 / w*f16 from it
-    if "torch_dtype" in cfg:
-        cfg["torch_dtype"] = fmt.scale_dtype
+    set_dtype_fields(cfg, fmt.scale_dtype)  # llm_convert -q auto picks w*bf16 / w*f16 from it (VLMs: text_config's)
     cfg["quantization_config"] = quantization_config(fmt, meta)
     cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if tokenizer is not None:

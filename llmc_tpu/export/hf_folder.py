@@ -25,24 +25,38 @@ def copy_side_files(source: Path, dest: Path) -> list[str]:
     return copied
 
 
+def set_dtype_fields(cfg: dict, name: str) -> None:
+    """Set ``dtype`` (and a legacy ``torch_dtype``) in a config and its sub-configs (a VLM's text_config is what
+    TPU-MLIR reads for the language model)."""
+    for sub in (cfg, *(v for k, v in cfg.items() if k.endswith("_config") and isinstance(v, dict))):
+        if sub is cfg or "dtype" in sub or "torch_dtype" in sub:
+            sub["dtype"] = name
+            if "torch_dtype" in sub:
+                sub["torch_dtype"] = name
+
+
 def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
     """Record the saved dtype (TPU-MLIR rejects a float32 config even when the weights are bf16)."""
     cfg = json.loads(config_file.read_text(encoding="utf-8"))
-    name = str(dtype).replace("torch.", "")
-    cfg["dtype"] = name
-    if "torch_dtype" in cfg:
-        cfg["torch_dtype"] = name
+    set_dtype_fields(cfg, str(dtype).replace("torch.", ""))
     config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def save_hf_folder(model: nn.Module, tokenizer, source: Path, dest: Path, dtype: torch.dtype = torch.bfloat16,
-                   weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``model`` (or ``weights`` in its place) in ``dtype`` with the config and side files of ``source``."""
+                   weights: dict[str, torch.Tensor] | None = None, source_config: bool = False) -> Path:
+    """Write ``model`` (or ``weights`` in its place) in ``dtype`` with the config and side files of ``source``.
+
+    ``source_config``: keep the source's config.json (dtype updated) instead of transformers' re-serialization:
+    VLM configs change layout in transformers 5 (``text_config``, ``rope_parameters``) and TPU-MLIR reads the
+    published one (top-level ``rope_scaling``, ``hidden_size``).
+    """
     dest.mkdir(parents=True, exist_ok=False)
     copy_side_files(source, dest)
     state = weights if weights is not None else model.state_dict()
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
     model.save_pretrained(dest, state_dict=state, safe_serialization=True)
+    if source_config:
+        shutil.copy2(Path(source) / "config.json", dest / "config.json")
     _set_config_dtype(dest / "config.json", dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)

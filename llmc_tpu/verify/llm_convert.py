@@ -80,6 +80,13 @@ def run_llm_convert(model_dir: Path, fmt: TpuWeightFormat, seq_len: int, work_di
                                     env, timeout_s)
 
 
+def _model_type(model_dir: Path) -> str | None:
+    try:
+        return json.loads((model_dir / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
 def compile_with_llm_convert(model_dir: Path, work_dir: Path, make_args, env: TpuMlirEnv | None = None,
                              timeout_s: float | None = None) -> Path:
     """Run llm_convert.py with ``make_args(model_dir, out_dir)`` into ``work_dir/llm_convert`` (replaced)."""
@@ -92,6 +99,8 @@ def compile_with_llm_convert(model_dir: Path, work_dir: Path, make_args, env: Tp
         shutil.rmtree(out_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     args = [str(env.tool("llm_convert.py")), *make_args(model_dir, out_dir)]
+    if "--max_pixels" not in args and _model_type(model_dir) in ("qwen2_vl", "qwen2_5_vl"):
+        args += ["--max_pixels", "112,112"]  # Qwen-VL: a small vision tower shape; only the language blocks are compared
     rc = env.run(args, cwd=work_dir, log=log, timeout_s=timeout_s)
     if rc != 0:
         raise VerifyError(f"llm_convert.py failed (exit {rc}): {' '.join(args)}\n"
