@@ -332,3 +332,11 @@ def test_mme_without_data_says_how_to_get_it(models, tmp_path, monkeypatch):
     cfg = vlm_config(models("qwen2_vl"), tmp_path, tmp_path / "out", "RTN", eval={"name": "mme", "path": None})
     with pytest.raises(PreflightError, match="mme_extract.py"):
         Quantizer(parse_config(cfg), progress=False).run()
+
+
+def test_internvl_remote_code_layout_is_refused_with_a_pointer(tmp_path):
+    from llmc_tpu.models.loading import ModelLoadError, resolve_spec
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "architectures": ["InternVLChatModel"]}))
+    with pytest.raises(ModelLoadError, match=r"internvl_chat.*not supported.*'-hf' repos, model_type internvl"):
+        resolve_spec(tmp_path, None)

@@ -17,6 +17,12 @@ from llmc_tpu.models.registry import ModelSpec, find_spec, supported_names
 log = logging.getLogger(__name__)
 
 
+UNSUPPORTED_HINTS = {  # families users ask for that load another way
+    "internvl_chat": ". InternVL's remote-code layout (internvl_chat) is not loaded; use its transformers-native "
+                     "checkpoint (the OpenGVLab '-hf' repos, model_type internvl)",
+}
+
+
 class ModelLoadError(RuntimeError):
     """The model folder or hub id cannot be used; the message says why and what to do."""
 
@@ -73,6 +79,7 @@ def resolve_spec(folder: Path, declared_type: str | None) -> tuple[ModelSpec, st
     if spec is None:
         raise ModelLoadError(
             f"model_type {model_type!r} (config.json) is not supported; supported: {', '.join(supported_names())}"
+            + UNSUPPORTED_HINTS.get(model_type, "")
         )
     if spec.text_from_config:  # Llava / InternVL: the language blocks are those of text_config's family
         text_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("text_config", {}).get("model_type", "llama")
