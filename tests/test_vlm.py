@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_vlm import make_images, make_samples, make_tiny_internvl, make_tiny_llava, make_tiny_qwen2_vl
 
 from llmc_tpu.config import parse_config
 from llmc_tpu.config.errors import ConfigError
@@ -20,7 +21,6 @@ from llmc_tpu.models.loading import load_model
 from llmc_tpu.pipeline import Quantizer
 from llmc_tpu.preflight import PreflightError
 from llmc_tpu.tpu.rtn import TpuWeightFormat, quantize_weight
-from tiny_vlm import make_images, make_samples, make_tiny_internvl, make_tiny_llava, make_tiny_qwen2_vl
 
 REPO = Path(__file__).resolve().parent.parent
 BUILDERS = {"qwen2_vl": make_tiny_qwen2_vl, "qwen2_5_vl": lambda p: make_tiny_qwen2_vl(p, "qwen2_5_vl"),
