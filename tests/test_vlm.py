@@ -340,3 +340,15 @@ def test_internvl_remote_code_layout_is_refused_with_a_pointer(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "internvl_chat", "architectures": ["InternVLChatModel"]}))
     with pytest.raises(ModelLoadError, match=r"internvl_chat.*not supported.*'-hf' repos, model_type internvl"):
         resolve_spec(tmp_path, None)
+
+
+def test_per_block_eval_equals_the_whole_model(models, data):
+    """eval.inference_per_block streams the language blocks (prefill and vision tower on the CPU): same answer ppl."""
+    from llmc_tpu.eval.vlm import answer_perplexity, vlm_logits
+
+    loaded = load_model(str(models("llava")), torch_dtype="float32")
+    batches = make_batches(loaded.processor, load_samples(data), 2, True, True, True)
+    cpu = torch.device("cpu")
+    whole = answer_perplexity(vlm_logits(loaded.model, loaded.spec, batches, cpu, False))
+    per_block = answer_perplexity(vlm_logits(loaded.model, loaded.spec, batches, cpu, True))
+    assert per_block.ppl == pytest.approx(whole.ppl, rel=1e-4) and per_block.n_tokens == whole.n_tokens
