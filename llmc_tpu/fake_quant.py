@@ -25,7 +25,7 @@ def quantize_block(block: nn.Module, spec: ModelSpec, fmt: TpuWeightFormat, pref
     result where it chose codes (``chosen``), else TPU-MLIR's RTN of the float weight."""
     chosen = chosen or {}
     results = {}
-    for name in spec.linear_names:
+    for name in spec.block_linear_names(block):
         result = chosen.get(name)
         if result is None:
             result = quantize_weight(handoff_weight(block.get_submodule(name), fmt), fmt)

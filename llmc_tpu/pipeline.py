@@ -63,7 +63,7 @@ def pick_device(name: str) -> torch.device:
 
 def check_finite_weights(block: torch.nn.Module, spec: ModelSpec, prefix: str, method: str) -> None:
     """A NaN/Inf weight after the method is named with its block and layer (not found at the end as a NaN PPL)."""
-    for name in spec.linear_names:
+    for name in spec.block_linear_names(block):
         if not torch.isfinite(block.get_submodule(name).weight).all():
             raise PipelineError(f"{prefix}.{name}: the weight has NaN/Inf after {method}; check the calibration data "
                                 "and the model's float weights")
@@ -197,7 +197,8 @@ class Quantizer:
                 block.to(self.device)
             else:
                 block.to(self.device)
-                ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs, head_dim=_head_dim(model.config))
+                ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs, head_dim=_head_dim(model.config),
+                                   config=model.config)
                 method.process_block(ctx)
                 check_finite_weights(block, spec, prefix, method.name)
                 block_results = quantize_block(block, spec, self.fmt, prefix, ctx.results)
@@ -213,7 +214,10 @@ class Quantizer:
             block.to("cpu")
         per_block = [r for r in self.ckpt.state["block_reports"] if r]
         self.report.method = {"name": method.name, "special": self.cfg.quant.special, "blocks": per_block,
-                              "calibration": "none (RTN needs no data)" if inputs is None else "see data.calib"}
+                              "calibration": "none (RTN needs no data)" if inputs is None else "see data.calib",
+                              # MoE experts no calibration token reached: TPU-MLIR's RTN (GPTQ: identity Hessian)
+                              "uncalibrated": [f"{spec.blocks}.{r['block']}.{n}" for r in per_block
+                                               for n in r.get("uncalibrated", [])]}
         if "vision" in self.cfg.quant.quant_objects:  # RTN on the TPU grid; the language blocks took the method
             self.vision_results, self.report.method["vision"] = vlm_quant.quantize_vision(model, spec, self.fmt)
         return results
@@ -289,7 +293,8 @@ class Quantizer:
         self.report.model = {"path": str(loaded.path), "model_type": loaded.model_type,
                              "family": loaded.spec.display_name, "parameters": n_params,
                              "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
-                             "llm_convert_supported": loaded.spec.llm_convert, "device": str(self.device)}
+                             "llm_convert_supported": loaded.spec.llm_convert,
+                             "llm_convert_float": loaded.spec.llm_convert_float, "device": str(self.device)}
         if loaded.spec.vision:
             self.report.model["vision"] = {"modules": list(loaded.spec.vision), "processor": loaded.processor.settings,
                                            "quantized": "vision" in self.cfg.quant.quant_objects}
@@ -308,6 +313,7 @@ class Quantizer:
             "n_linears": len(results), "format": self.report.tpu_format["name"] + " " + self.report.tpu_format["granularity"],
             "float_rows": float_rows, "linears_with_float_rows": partly,
             "folded_to_float": folded,  # the compiler keeps no codes for these: (q - z) * s folded into a float weight
+            "uncalibrated": self.report.method.get("uncalibrated", []),  # experts no calibration token reached
         }
 
     def _next_steps(self, final: Path) -> None:
@@ -317,7 +323,10 @@ class Quantizer:
             steps.append(f"llmc-tpu verify {final}")
         if self.cfg.save.save_trans:
             model_dir = final / "transformed_model"
-            if self.report.model.get("llm_convert_supported"):
+            if self.report.model.get("llm_convert_supported") and not self.report.model.get("llm_convert_float", True):
+                steps.append(f"# TPU-MLIR 1.30.2 compiles {self.report.model['model_type']!r} to W4/W8 only from a GPTQ "
+                             "checkpoint (quant.method: GPTQ); this float model compiles only as -q bf16/f16")
+            elif self.report.model.get("llm_convert_supported"):
                 steps.append(llm_convert_command(model_dir, self.fmt, self.cfg.run.seq_length, final / "bmodel"))
             else:
                 steps.append(f"# TPU-MLIR's llm_convert.py does not support model_type "

@@ -7,15 +7,19 @@ weight files, the Linear shapes against the TPU format, the data paths, and the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from llmc_tpu.config.schema import RunConfig
 from llmc_tpu.data.text import DataError, resolve_path
 from llmc_tpu.models.loading import ModelLoadError, resolve_model_path, resolve_spec
-from llmc_tpu.models.registry import ModelSpec
+from llmc_tpu.models.registry import EXPERT, ModelSpec, part_rows
 from llmc_tpu.tpu.chips import NPU_NUM, quantized_out_features
 from llmc_tpu.tpu.rtn import TpuWeightFormat
 
@@ -51,17 +55,71 @@ def weight_shapes(folder: Path) -> tuple[dict[str, tuple[int, ...]], int, list[s
     return shapes, total, problems
 
 
-def shape_problems(shapes: dict[str, tuple[int, ...]], spec: ModelSpec, fmt: TpuWeightFormat, n_blocks: int) -> list[str]:
+def _checkpoint_key(shapes: dict[str, tuple[int, ...]], spec: ModelSpec, key: str) -> str | None:
+    """The key a weight has in the files (transformers renames some on load: Mixtral's block_sparse_moe)."""
+    if key in shapes:
+        return key
+    for pattern, repl in spec.checkpoint_renames:
+        if (alt := re.sub(pattern, repl, key)) in shapes:
+            return alt
+    return None
+
+
+def block_linear_keys(shapes: dict[str, tuple[int, ...]], spec: ModelSpec, i: int) -> list[tuple[str, str | None]]:
+    """(name in the block, checkpoint key or None if missing) of every Linear of block ``i``: experts counted
+    from the keys; a registry entry whose first Linear is not in the files is another variant and left out."""
+    prefix = f"{spec.blocks}.{i}."
+    out = []
+    for entry in spec.subsets:
+        experts: list[int | None] = [None]
+        if EXPERT in entry.layers[0]:
+            first = f"{prefix}{entry.layers[0]}.weight"
+            present = lambda e, first=first: _checkpoint_key(shapes, spec, first.replace(EXPERT, str(e)))  # noqa: E731
+            experts = list(itertools.takewhile(present, itertools.count()))
+        for e in experts:
+            names = [n if e is None else n.replace(EXPERT, str(e)) for n in entry.layers]
+            keys = [_checkpoint_key(shapes, spec, f"{prefix}{n}.weight") for n in names]
+            if keys[0]:
+                out += [(n, k) for n, k in zip(names, keys) if (n, k) not in out]
+    return out
+
+
+def llm_convert_layout_problems(spec: ModelSpec, name: str, n: int, where: str, fmt: TpuWeightFormat,
+                                config: Any) -> list[str]:
+    """Where llm_convert quantizes other matrices than the Linear we quantize, our prediction must still hold."""
+    if not spec.llm_convert:
+        return []
+    npu = NPU_NUM[fmt.chip]
+    fused = spec.fused_of(name)
+    if fused is not None and fused.tpu_split and config is not None:
+        sizes = [len(part_rows(fused, part, n, config)) for part in fused.parts]
+        if any(size % npu for size in sizes):
+            return [f"{where}: TPU-MLIR's llm_convert cuts it into {'/'.join(fused.parts)} of {sizes} rows and quantizes "
+                    f"each; llmc-tpu predicts that only when every part is a multiple of NPU_NUM {npu} ({fmt.chip})"]
+    is_expert_in = (spec.experts is not None and name.startswith(spec.experts.path + ".")
+                    and name.rsplit(".", 1)[-1] in spec.experts.names[:2])
+    if is_expert_in and n % npu:
+        return [f"{where}: TPU-MLIR's llm_convert needs the experts' intermediate size to be a multiple of NPU_NUM "
+                f"{npu} ({fmt.chip})"]
+    return []
+
+
+def shape_problems(shapes: dict[str, tuple[int, ...]], spec: ModelSpec, fmt: TpuWeightFormat, n_blocks: int,
+                   config: Any = None) -> list[str]:
     """Linear shapes TPU-MLIR cannot compile, or compiles wrongly, with this format."""
     problems = []
     for i in range(n_blocks):
-        for name in spec.linear_names:
-            key = f"{spec.blocks}.{i}.{name}.weight"
-            if key not in shapes:
-                problems.append(f"model.path: weight {key} is missing from the safetensors files")
+        linears = block_linear_keys(shapes, spec, i)
+        if not linears:
+            problems.append(f"model.path: block {spec.blocks}.{i} has none of the Linears {spec.display_name}'s layout "
+                            "names (is model_type right?)")
+        for name, key in linears:
+            if key is None:
+                problems.append(f"model.path: weight {spec.blocks}.{i}.{name}.weight is missing from the safetensors files")
                 continue
             n, k = shapes[key]
             where = f"{spec.blocks}.{i}.{name} ([{n}, {k}])"
+            problems += llm_convert_layout_problems(spec, name, n, where, fmt, config)
             if not fmt.per_channel and k % fmt.group_size:
                 problems.append(f"quant.weight.group_size {fmt.group_size} does not divide in_features of {where}; "
                                 "TPU-MLIR needs K % group_size == 0")
@@ -77,10 +135,16 @@ def shape_problems(shapes: dict[str, tuple[int, ...]], spec: ModelSpec, fmt: Tpu
     return problems
 
 
+def _config(folder: Path) -> Any:
+    """config.json as attributes (for the sizes of fused Linears' parts)."""
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return SimpleNamespace(**cfg.get("text_config", cfg))
+
+
 def _n_blocks(folder: Path) -> int:
     cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     cfg = cfg.get("text_config", cfg)
-    return int(cfg.get("num_hidden_layers", 0))
+    return int(next((cfg[k] for k in ("num_hidden_layers", "n_layer", "num_layers") if k in cfg), 0))
 
 
 def _checkpoint_layout(shapes: dict[str, tuple[int, ...]], spec: ModelSpec) -> dict[str, tuple[int, ...]]:
@@ -132,7 +196,8 @@ def preflight(cfg: RunConfig, fmt: TpuWeightFormat, overwrite: bool, needs_calib
         if spec.vision:
             problems += vlm_problems(cfg, spec)
         if not file_problems and shapes:
-            problems += shape_problems(_checkpoint_layout(shapes, spec), spec, fmt, _n_blocks(folder))
+            problems += shape_problems(_checkpoint_layout(shapes, spec), spec, fmt, _n_blocks(folder),
+                                       _config(folder))
     except ModelLoadError as exc:
         problems.append(str(exc))
         weight_bytes = 0

@@ -76,6 +76,8 @@ class RunReport:
             lines.append(f"\nquantized Linears: {q.get('n_linears', 0)} ({q.get('format', '')}); "
                          f"rows left in float by the chip's NPU rule: {q.get('float_rows', 0)}; "
                          f"Linears folded back to float: {len(q.get('folded_to_float', []))}")
+            if q.get("uncalibrated"):
+                lines.append(f"MoE expert Linears no calibration token reached (plain TPU RTN): {len(q['uncalibrated'])}")
         if self.onnx:
             lines.append(f"onnx: {len(self.onnx['pieces'])} pieces, max relative error onnxruntime vs torch "
                          f"{self.onnx['max_rel_error']:.1e} ({self.onnx['worst_piece']})")

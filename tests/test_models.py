@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from tiny_models import FAMILIES, make_tiny_model
 
 from llmc_tpu.models.loading import ModelLoadError, load_model, resolve_spec
-from llmc_tpu.models.registry import REGISTRY, find_spec
-from tiny_models import make_tiny_model
+from llmc_tpu.models.registry import find_spec
 
 
 @pytest.mark.parametrize("name,model_type", [("Llama", "llama"), ("LLAMA", "llama"), ("qwen2", "qwen2"), ("Qwen2.5", "qwen2"),
@@ -20,19 +20,26 @@ def test_unknown_name():
     assert find_spec("gpt2") is None
 
 
-@pytest.mark.parametrize("family", sorted(n for n, s in REGISTRY.items() if not s.vision))  # VLMs: tests/test_vlm.py
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_spec_names_real_modules(family, tmp_path):
-    folder = make_tiny_model(tmp_path, family, layers=1)
+    """Every name resolves, and every Linear of every block is quantized or named as scale-only (routers)."""
+    folder = make_tiny_model(tmp_path, family, layers=2)
     loaded = load_model(str(folder), torch_dtype="float32")
     spec, model = loaded.spec, loaded.model
-    assert spec.model_type == family
-    blocks = model.get_submodule(spec.blocks)
-    for subset in spec.subsets:
-        for name in subset.layers:
-            assert isinstance(blocks[0].get_submodule(name), torch.nn.Linear)
-        if subset.prev_op:
-            blocks[0].get_submodule(subset.prev_op)
-        blocks[0].get_submodule(subset.inspect)
+    assert spec.model_type == family.split("_40b")[0]
+    for block in model.get_submodule(spec.blocks):
+        subsets = spec.block_subsets(block)
+        quantized = [n for s in subsets for n in s.layers]
+        assert len(quantized) == len(set(quantized))
+        for subset in subsets:
+            for name in subset.layers:
+                assert isinstance(block.get_submodule(name), torch.nn.Linear)
+            if subset.prev_op:
+                block.get_submodule(subset.prev_op.split(":")[0])
+            block.get_submodule(subset.inspect)
+        scale_only = {n for s in subsets for n in s.scale_only}
+        linears = {n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert linears == set(quantized) | (scale_only & linears)
     for name in (*spec.embeddings, spec.final_norm, spec.lm_head):
         model.get_submodule(name)
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llmc_tpu.models.experts import fused_state_dict
+
 # Files of the source folder that are not weights or the model config: tokenizer,
 # processor, chat template, generation config. Copied so the folder is complete.
 _SKIP_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
@@ -52,7 +54,7 @@ def save_hf_folder(model: nn.Module, tokenizer, source: Path, dest: Path, dtype:
     """
     dest.mkdir(parents=True, exist_ok=False)
     copy_side_files(source, dest)
-    state = weights if weights is not None else model.state_dict()
+    state = fused_state_dict(model, weights if weights is not None else model.state_dict())  # MoE: transformers' layout
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
     model.save_pretrained(dest, state_dict=state, safe_serialization=True)
     if source_config:

@@ -6,20 +6,19 @@ weights) that TPU-MLIR's own quantizer then turns into exactly the codes we scor
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from functools import partial
+from typing import Any
 
 import torch
 from torch import nn
 
-from llmc_tpu.algorithms.awq import (activation_mean, apply_clip, group_gram, search_clip, search_scale,
-                                     weight_mean)
+from llmc_tpu.algorithms.awq import activation_mean, apply_clip, group_gram, search_clip, search_scale, weight_mean
 from llmc_tpu.engine.blockwise import BlockInput, move
 from llmc_tpu.methods.base import BlockContext, Method
-from llmc_tpu.models.registry import Subset
+from llmc_tpu.models.registry import Subset, part_rows
 from llmc_tpu.tpu.rtn import TpuWeightFormat, fake_quantize
-
-Batch = tuple[torch.Tensor, dict[str, Any]]  # (input of the subset's layers, block kwargs)
 
 
 def tpu_quantizer(fmt: TpuWeightFormat):
@@ -27,51 +26,81 @@ def tpu_quantizer(fmt: TpuWeightFormat):
     return lambda w: fake_quantize(w.to(fmt.handoff_dtype).float(), fmt)
 
 
-def _chunks(x: torch.Tensor, kwargs: dict[str, Any], max_tokens: int) -> Iterator[Batch]:
-    """Split a batch along its samples so that one forward sees at most ``max_tokens`` tokens."""
-    bs, seq = x.shape[0], x.shape[1] if x.dim() > 2 else 1
-    step = max(1, max_tokens // max(seq, 1))
-    for i in range(0, bs, step):
-        sub = {k: (v[i:i + step] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == bs and bs > 1 else v)
-               for k, v in kwargs.items()}
-        yield x[i:i + step], sub
+@dataclass
+class Call:
+    """One recorded call of a module: its input ``x`` and every other argument, to replay with another x."""
+
+    x: torch.Tensor
+    args: tuple
+    kwargs: dict[str, Any]
+    x_key: str | None  # None: x was the first positional argument; else its keyword
+
+    def replay(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.x_key is None:
+            out = module(x, *self.args, **self.kwargs)
+        else:
+            out = module(*self.args, **{**self.kwargs, self.x_key: x})
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def chunks(self, max_tokens: int) -> Iterator[Call]:
+        """Split along the samples so that one replay sees at most ``max_tokens`` tokens."""
+        x = self.x
+        bs, seq = x.shape[0], x.shape[1] if x.dim() > 2 else 1
+        step = max(1, max_tokens // max(seq, 1))
+        if step >= bs:
+            yield self
+            return
+        for i in range(0, bs, step):
+            yield Call(x[i:i + step], tuple(_cut(a, bs, i, step) for a in self.args),
+                       {k: _cut(v, bs, i, step) for k, v in self.kwargs.items()}, self.x_key)
+
+
+def _cut(v: Any, bs: int, i: int, step: int) -> Any:
+    """Samples i..i+step of a per-sample argument: leading dim ``bs`` or ``bs * m`` (ALiBi's [bs*heads, ...])."""
+    if isinstance(v, torch.Tensor) and v.dim() > 0:
+        if v.shape[0] == bs:
+            return v[i:i + step]
+        if v.dim() >= 3 and v.shape[0] % bs == 0:
+            m = v.shape[0] // bs
+            return v[i * m:(i + step) * m]
+        return v
+    if isinstance(v, (tuple, list)):
+        return type(v)(_cut(a, bs, i, step) for a in v)
+    return v
 
 
 @torch.no_grad()
-def capture_inputs(block: nn.Module, names: list[str], inputs: list[BlockInput], device: torch.device,
-                   ) -> dict[str, list[Batch]]:
-    """Run the block on every batch and keep the input of each named Linear (with the batch's kwargs)."""
-    seen: dict[str, list[Batch]] = {n: [] for n in names}
-    current: dict[str, Any] = {}
-    hooks = [block.get_submodule(n).register_forward_hook(
-        lambda mod, args, out, n=n: seen[n].append((args[0].detach(), current["kwargs"]))) for n in names]
+def capture_calls(block: nn.Module, names: list[str], inputs: list[BlockInput], device: torch.device,
+                  ) -> dict[str, list[Call]]:
+    """Run the block on every batch and record every call of the named modules (input and arguments)."""
+    seen: dict[str, list[Call]] = {n: [] for n in names}
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict, name: str) -> None:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("output_attentions",)}
+        if args:
+            seen[name].append(Call(args[0].detach(), args[1:], kwargs, None))
+        else:
+            key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+            seen[name].append(Call(kwargs.pop(key).detach(), (), kwargs, key))
+
+    hooks = [block.get_submodule(n).register_forward_pre_hook(partial(hook, name=n), with_kwargs=True) for n in names]
     try:
         for inp in inputs:
             kwargs = move(inp.kwargs, device)
-            current["kwargs"] = kwargs
-            args = kwargs.get("_positional", ())
-            block(inp.hidden.to(device), *args, **{k: v for k, v in kwargs.items() if k != "_positional"})
+            args = kwargs.pop("_positional", ())
+            block(inp.hidden.to(device), *args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
-    return seen
-
-
-def _call_inspect(module: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], needs_kwargs: bool) -> torch.Tensor:
-    if needs_kwargs:
-        kw = {k: v for k, v in kwargs.items() if k not in ("_positional", "use_cache", "output_attentions")}
-        out = module(x, **kw)
-    else:
-        out = module(x)
-    return out[0] if isinstance(out, (tuple, list)) else out
+    return {n: [c for c in calls if c.x.numel()] for n, calls in seen.items()}
 
 
 @dataclass
 class ScaleMap:
-    """How the free scales (one per output of prev_op) map onto the layers' input channels.
+    """How the free scales (one per output channel of prev_op that feeds the layers) map onto the layers' inputs.
 
     The identity, except for o_proj under grouped-query attention with ``gqa_o_proj: repeat``:
-    then each v_proj channel feeds ``heads / kv_heads`` o_proj channels, which share its scale.
+    then each v channel feeds ``heads / kv_heads`` o_proj channels, which share its scale.
     """
 
     n_scales: int
@@ -79,10 +108,10 @@ class ScaleMap:
     head_dim: int = 1
 
     @classmethod
-    def between(cls, prev: nn.Module, first: nn.Linear, head_dim: int) -> "ScaleMap":
-        if not isinstance(prev, nn.Linear) or prev.out_features == first.in_features:
-            return cls(first.in_features)
-        return cls(prev.out_features, first.in_features // prev.out_features, head_dim)
+    def between(cls, n_prev: int, first: nn.Linear, head_dim: int) -> ScaleMap:
+        if n_prev == first.in_features:
+            return cls(n_prev)
+        return cls(n_prev, first.in_features // n_prev, head_dim)
 
     def expand(self, s: torch.Tensor) -> torch.Tensor:
         if self.repeat == 1:
@@ -98,66 +127,136 @@ class ScaleMap:
         return v.view(kv, self.repeat, self.head_dim).mean(dim=1).reshape(-1)
 
 
+@dataclass
+class Prev:
+    """Where 1/s goes: a norm (its affine weight and bias), a whole Linear, or some output rows of a fused one."""
+
+    name: str
+    module: nn.Module
+    rows: list[int] | None  # a fused Linear's part
+    norm_offset: float
+
+    @classmethod
+    def resolve(cls, ctx: BlockContext, prev_op: str) -> Prev:
+        name, _, part = prev_op.partition(":")
+        module = ctx.block.get_submodule(name)
+        rows = None
+        if part:
+            fused = ctx.spec.fused_of(name)
+            if fused is None:
+                raise ValueError(f"registry: {ctx.spec.model_type} names {prev_op!r} but {name} is not in its fused Linears")
+            rows = part_rows(fused, part, module.out_features, ctx.config)
+        return cls(prev_op, module, rows, ctx.spec.norm_offset)
+
+    @property
+    def is_linear(self) -> bool:
+        return isinstance(self.module, nn.Linear)
+
+    def n_out(self, first: nn.Linear) -> int:
+        if self.rows is not None:
+            return len(self.rows)
+        return self.module.out_features if self.is_linear else first.in_features
+
+    def fold(self, s: torch.Tensor) -> None:
+        """Divide the output channels that feed the layers by s."""
+        m = self.module
+        if self.is_linear:
+            rows = slice(None) if self.rows is None else torch.tensor(self.rows, device=m.weight.device)
+            w = m.weight.data.float()
+            w[rows] = w[rows] / s.view(-1, 1)
+            m.weight.data = w.to(m.weight.dtype)
+            if m.bias is not None:
+                b = m.bias.data.float()
+                b[rows] = b[rows] / s
+                m.bias.data = b.to(m.bias.dtype)
+            return
+        # a norm: y = (offset + w) * normalized + b; Gemma's offset 1 gives w' = (1 + w) / s - 1
+        m.weight.data = ((m.weight.data.float() + self.norm_offset) / s - self.norm_offset).to(m.weight.dtype)
+        if getattr(m, "bias", None) is not None:
+            m.bias.data = (m.bias.data.float() / s).to(m.bias.dtype)
+
+
+def scale_groups(subsets: tuple[Subset, ...]) -> list[list[Subset]]:
+    """Subsets that fold into the same prev_op share one s (parallel blocks, MoE experts); order kept."""
+    groups: dict[str, list[Subset]] = {}
+    alone = []
+    for subset in subsets:
+        if subset.prev_op is None:
+            alone.append([subset])
+        else:
+            groups.setdefault(subset.prev_op, []).append(subset)
+    return [*groups.values(), *alone]
+
+
 class AwqMethod(Method):
     name = "Awq"
     needs_calibration = True
 
     def process_block(self, ctx: BlockContext) -> None:
         sp = self.special
-        block, spec = ctx.block, ctx.spec
-        scaled, skipped = [], []
+        subsets = ctx.spec.block_subsets(ctx.block)
+        scaled, skipped, uncalibrated = [], [], []
         if sp["trans"]:
-            feats = capture_inputs(block, [s.layers[0] for s in spec.subsets], ctx.inputs, ctx.device)
-            for subset in spec.subsets:
-                why_not = self._skip_reason(block, subset)
+            groups = scale_groups(subsets)
+            inspects = list(dict.fromkeys(s.inspect for g in groups if g[0].prev_op for s in g))
+            calls = capture_calls(ctx.block, inspects, ctx.inputs, ctx.device)
+            for group in groups:
+                layers = [n for s in group for n in s.layers]
+                why_not = self._skip_reason(ctx, group)
+                if why_not is None and not any(calls[s.inspect] for s in group):
+                    why_not = "no calibration token reached it (an expert the router never picked): plain RTN"
+                    uncalibrated += layers
                 if why_not:
-                    skipped.append({"layers": list(subset.layers), "reason": why_not})
+                    skipped.append({"layers": layers, "reason": why_not})
                     continue
-                scaled.append(self._scale_subset(ctx, subset, feats[subset.layers[0]]))
+                scaled.append(self._scale_group(ctx, group, calls))
         ctx.report["scaled"] = scaled
         ctx.report["skipped"] = skipped
         if sp["weight_clip"]:
-            ctx.report["clipped"] = self._clip(ctx)
+            ctx.report["clipped"] = self._clip(ctx, subsets, uncalibrated)
+        if uncalibrated:
+            ctx.report["uncalibrated"] = sorted(set(uncalibrated))
 
     # -- scaling -----------------------------------------------------------------------------
-    def _skip_reason(self, block: nn.Module, subset: Subset) -> str | None:
+    def _skip_reason(self, ctx: BlockContext, group: list[Subset]) -> str | None:
+        subset = group[0]
         if subset.prev_op is None:
-            return "no previous op to fold 1/s into"
-        prev = block.get_submodule(subset.prev_op)
-        first = block.get_submodule(subset.layers[0])
-        if isinstance(prev, nn.Linear) and prev.out_features != first.in_features:
+            return "no op before it can take 1/s (the registry gives no prev_op: e.g. a GELU in between)"
+        prev = Prev.resolve(ctx, subset.prev_op)
+        first = ctx.block.get_submodule(subset.layers[0])
+        n_prev = prev.n_out(first)
+        if n_prev != first.in_features:
             if self.special["gqa_o_proj"] == "skip":
-                return (f"grouped-query attention: {subset.prev_op} has {prev.out_features} outputs, "
+                return (f"grouped-query attention: {subset.prev_op} has {n_prev} outputs, "
                         f"{subset.layers[0]} {first.in_features} inputs (quant.special.gqa_o_proj: skip)")
-            if first.in_features % prev.out_features:
+            if first.in_features % n_prev:
                 return f"{subset.prev_op} outputs do not map onto {subset.layers[0]} inputs"
         return None
 
     @torch.no_grad()
-    def _scale_subset(self, ctx: BlockContext, subset: Subset, batches: list[Batch]) -> dict[str, Any]:
+    def _scale_group(self, ctx: BlockContext, group: list[Subset], calls: dict[str, list[Call]]) -> dict[str, Any]:
         block, fmt, sp = ctx.block, ctx.fmt, self.special
-        layers = [block.get_submodule(n) for n in subset.layers]
-        prev = block.get_submodule(subset.prev_op)
-        inspect = block.get_submodule(subset.inspect)
-        chunks = [c for x, kw in batches for c in _chunks(x, kw, sp["chunk_tokens"])]
-        targets = [_call_inspect(inspect, x, kw, subset.inspect_needs_block_kwargs) for x, kw in chunks]
+        names = [n for s in group for n in s.layers]
+        layers = [block.get_submodule(n) for n in names]
+        inspects = {s.inspect: block.get_submodule(s.inspect) for s in group}
+        chunks = [(name, c) for name in inspects for call in calls[name] for c in call.chunks(sp["chunk_tokens"])]
+        targets = [c.replay(inspects[name], c.x) for name, c in chunks]
         n_elems = sum(t.numel() for t in targets)
         originals = [layer.weight.data.clone() for layer in layers]
         quantize = tpu_quantizer(fmt)
-        smap = ScaleMap.between(prev, layers[0], ctx.head_dim)
-        expand = smap.expand
+        prev = Prev.resolve(ctx, group[0].prev_op)
+        smap = ScaleMap.between(prev.n_out(layers[0]), layers[0], ctx.head_dim)
 
-        x_mean = smap.reduce(activation_mean(x for x, _ in batches))
+        x_mean = smap.reduce(activation_mean(c.x for c in calls[group[0].inspect]))
         w_mean = smap.reduce(weight_mean(originals, fmt.group_size)) if sp["trans_version"] == "v1" else None
 
         def loss_fn(s: torch.Tensor) -> float:
-            s_in = expand(s)
+            s_in = smap.expand(s)
             for layer, w in zip(layers, originals):
                 layer.weight.data = (quantize(w.float() * s_in) / s_in).to(w.dtype)
             total = torch.zeros((), dtype=torch.float64, device=ctx.device)
-            for (x, kw), target in zip(chunks, targets):
-                out = _call_inspect(inspect, x, kw, subset.inspect_needs_block_kwargs)
-                total += (out.float() - target.float()).pow(2).sum().double()
+            for (name, c), target in zip(chunks, targets):
+                total += (c.replay(inspects[name], c.x).float() - target.float()).pow(2).sum().double()
             return float(total) / n_elems
 
         try:
@@ -165,37 +264,30 @@ class AwqMethod(Method):
         finally:
             for layer, w in zip(layers, originals):
                 layer.weight.data = w
-        self._fold(prev, layers, result.scale, expand)
-        return {"layers": list(subset.layers), "prev_op": subset.prev_op, "ratio": result.ratio,
+        s_in = smap.expand(result.scale)
+        prev.fold(result.scale)
+        for name in [*names, *dict.fromkeys(n for s in group for n in s.scale_only)]:
+            m = block.get_submodule(name)  # the layers, and the routers that read the same input
+            m.weight.data = (m.weight.data.float() * s_in.view(1, -1)).to(m.weight.dtype)
+        return {"layers": names, "prev_op": group[0].prev_op, "ratio": result.ratio,
                 "loss": result.loss, "loss_rtn": result.loss_identity}
-
-    @staticmethod
-    def _fold(prev: nn.Module, layers: list[nn.Linear], s: torch.Tensor, expand) -> None:
-        """Divide prev's output channels by s, multiply the layers' input channels by s (function preserved)."""
-        s_in = expand(s)
-        if isinstance(prev, nn.Linear):
-            prev.weight.data = (prev.weight.data.float() / s.view(-1, 1)).to(prev.weight.dtype)
-            if prev.bias is not None:
-                prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
-        else:  # a norm: its affine weight (and bias) feed the layers directly
-            prev.weight.data = (prev.weight.data.float() / s).to(prev.weight.dtype)
-            if getattr(prev, "bias", None) is not None:
-                prev.bias.data = (prev.bias.data.float() / s).to(prev.bias.dtype)
-        for layer in layers:
-            layer.weight.data = (layer.weight.data.float() * s_in.view(1, -1)).to(layer.weight.dtype)
 
     # -- clipping ----------------------------------------------------------------------------
     @torch.no_grad()
-    def _clip(self, ctx: BlockContext) -> list[dict[str, Any]]:
+    def _clip(self, ctx: BlockContext, subsets: tuple[Subset, ...], uncalibrated: list[str]) -> list[dict[str, Any]]:
         block, spec, fmt, sp = ctx.block, ctx.spec, ctx.fmt, self.special
-        targets = [(s, [n for n in s.layers if sp["clip_qk"] or n not in spec.qk_layers]) for s in spec.subsets]
+        targets = [(s, [n for n in s.layers if sp["clip_qk"] or n not in spec.qk_layers]) for s in subsets]
         targets = [(s, names) for s, names in targets if names]
-        feats = capture_inputs(block, [s.layers[0] for s, _ in targets], ctx.inputs, ctx.device)
+        feats = capture_calls(block, [s.layers[0] for s, _ in targets], ctx.inputs, ctx.device)
         quantize = tpu_quantizer(fmt)
         done = []
         for subset, names in targets:
+            xs = [c.x for c in feats[subset.layers[0]]]
+            if not xs:  # an expert no calibration token reached: left as it is (plain RTN)
+                uncalibrated += subset.layers
+                continue
             k = block.get_submodule(subset.layers[0]).in_features
-            gram = group_gram((x for x, _ in feats[subset.layers[0]]), fmt.group_size, k)
+            gram = group_gram(xs, fmt.group_size, k)
             for name in names:
                 layer = block.get_submodule(name)
                 clip = search_clip(layer.weight.data, gram, quantize, sp["clip_sym"], sp["n_grid"], sp["max_shrink"])
@@ -203,5 +295,3 @@ class AwqMethod(Method):
                 done.append({"layer": name, "err_before": clip.err_before, "err_after": clip.err_after,
                              "mean_factor": float(clip.factor.mean())})
         return done
-
-

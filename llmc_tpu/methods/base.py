@@ -24,6 +24,7 @@ class BlockContext:
     device: torch.device
     inputs: list[BlockInput] | None  # None when the method needs no calibration data
     head_dim: int = 0  # attention head size (for scales shared across grouped-query heads)
+    config: Any = None  # the model's config (sizes of the parts of fused Linears)
     report: dict[str, Any] = field(default_factory=dict)  # per-block notes for the run report
     # Methods that choose integer codes themselves (GPTQ) put their result here, keyed by the
     # Linear's name relative to the block; every other Linear gets TPU-MLIR's RTN of its float weight.

@@ -73,36 +73,50 @@ class GptqMethod(Method):
     needs_calibration = True
 
     def process_block(self, ctx: BlockContext) -> None:
-        block, spec = ctx.block, ctx.spec
-        originals = {n: block.get_submodule(n).weight.data for n in spec.linear_names}
+        block = ctx.block
+        subsets = ctx.spec.block_subsets(block)
+        originals = {n: block.get_submodule(n).weight.data for s in subsets for n in s.layers}
         notes = []
         try:
             if self.special["true_sequential"]:
-                for subset in spec.subsets:
-                    hessian = collect_hessians(block, [subset], ctx.inputs, ctx.device, stop_early=True)[subset.layers[0]]
-                    notes.append(self._solve(ctx, subset, hessian))
-                    for name in subset.layers:  # the next subsets see this one quantized
-                        linear = block.get_submodule(name)
-                        linear.weight.data = ctx.results[name].dequantize().to(linear.weight.device, linear.weight.dtype)
+                # one stage = one registry entry (all experts of an entry are independent of each other)
+                stages: dict[int, list[Subset]] = {}
+                for subset in subsets:
+                    stages.setdefault(subset.stage, []).append(subset)
+                for stage in stages.values():
+                    hessians = collect_hessians(block, stage, ctx.inputs, ctx.device, stop_early=len(stage) == 1)
+                    for subset in stage:
+                        notes.append(self._solve(ctx, subset, hessians[subset.layers[0]]))
+                        for name in subset.layers:  # the next stages see this one quantized
+                            linear = block.get_submodule(name)
+                            linear.weight.data = ctx.results[name].dequantize().to(linear.weight.device, linear.weight.dtype)
             else:
-                hessians = collect_hessians(block, list(spec.subsets), ctx.inputs, ctx.device)
-                notes += [self._solve(ctx, s, hessians[s.layers[0]]) for s in spec.subsets]
+                hessians = collect_hessians(block, list(subsets), ctx.inputs, ctx.device)
+                notes += [self._solve(ctx, s, hessians[s.layers[0]]) for s in subsets]
         finally:
             for name, weight in originals.items():
                 block.get_submodule(name).weight.data = weight
         ctx.report["gptq"] = notes
+        uncalibrated = [n for note in notes if note.get("uncalibrated") for n in note["layers"]]
+        if uncalibrated:
+            ctx.report["uncalibrated"] = uncalibrated
 
     @torch.no_grad()
     def _solve(self, ctx: BlockContext, subset: Subset, hessian: Hessian) -> dict[str, Any]:
         """Quantize the subset's Linears as one matrix; record each Linear's result and output error."""
         sp = self.special
         weights = [ctx.block.get_submodule(n).weight.data.float() for n in subset.layers]
-        res = gptq_quantize(torch.cat(weights), hessian.h, ctx.fmt, blocksize=sp["blocksize"], percdamp=sp["percdamp"],
+        h = hessian.h
+        if hessian.n == 0:  # an expert no calibration token reached: identity Hessian = TPU-MLIR's RTN codes
+            h = torch.eye(h.shape[0], device=h.device)
+        res = gptq_quantize(torch.cat(weights), h, ctx.fmt, blocksize=sp["blocksize"], percdamp=sp["percdamp"],
                             actorder=sp["actorder"], static_groups=sp["static_groups"])
         for w in res.warnings:
             log.warning("block %d %s: %s", ctx.index, "/".join(subset.layers), w)
         note: dict[str, Any] = {"layers": list(subset.layers), "tokens": hessian.n, "percdamp": res.percdamp,
                                 "err": {}, "err_rtn": {}}
+        if hessian.n == 0:
+            note["uncalibrated"] = True
         row = 0
         for name, w in zip(subset.layers, weights):
             q = res.tpu_weight(slice(row, row + w.shape[0]))

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llmc_tpu.models.experts import unfuse_experts
 from llmc_tpu.models.registry import ModelSpec, find_spec, supported_names
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,20 @@ def resolve_spec(folder: Path, declared_type: str | None) -> tuple[ModelSpec, st
     return spec, model_type
 
 
+def check_remote_code(folder: Path, spec: ModelSpec, trust_remote_code: bool) -> None:
+    """A family that only the model folder's own Python code implements runs only when the config allows it."""
+    if not spec.remote_code:
+        return
+    if not trust_remote_code:
+        raise ModelLoadError(
+            f"{spec.display_name} (model_type {spec.model_type!r}) has no implementation in transformers: it runs the "
+            f"Python modeling code shipped in {folder}. Read that code, then set model.trust_remote_code: true to allow it")
+    cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    if "AutoModelForCausalLM" not in (cfg.get("auto_map") or {}):
+        raise ModelLoadError(f"{folder}/config.json: {spec.display_name} needs remote code, but its auto_map names no "
+                             "AutoModelForCausalLM (copy the modeling_*.py files and config.json of the original release)")
+
+
 def load_model(path_or_id: str, declared_type: str | None = None, torch_dtype: str = "auto",
                tokenizer_mode: str = "fast", trust_remote_code: bool = False, min_pixels: int | None = None,
                max_pixels: int | None = None) -> LoadedModel:
@@ -112,6 +127,7 @@ def load_model(path_or_id: str, declared_type: str | None = None, torch_dtype: s
     spec, model_type = resolve_spec(folder, declared_type)
     if not any(folder.glob("*.safetensors")):
         raise ModelLoadError(f"{folder}: no *.safetensors weights (pickled .bin weights are not loaded, for safety)")
+    check_remote_code(folder, spec, trust_remote_code)
     dtype = "auto" if torch_dtype == "auto" else getattr(torch, torch_dtype)
     auto_class = AutoModelForImageTextToText if spec.vision else AutoModelForCausalLM
     model = auto_class.from_pretrained(
@@ -119,6 +135,7 @@ def load_model(path_or_id: str, declared_type: str | None = None, torch_dtype: s
     )
     model.eval()
     model.config.use_cache = False
+    unfuse_experts(model, spec)  # MoE: one Linear per expert (saved back in transformers' layout)
     tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=tokenizer_mode == "fast", trust_remote_code=trust_remote_code)
     processor = None
     if spec.vision:

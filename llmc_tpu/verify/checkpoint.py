@@ -23,6 +23,7 @@ import numpy as np
 from llmc_tpu.export.gptq_checkpoint import CheckpointError, read_gptq_checkpoint
 from llmc_tpu.tpu.rtn import TpuWeightFormat
 from llmc_tpu.verify.compare import VerifyResult, compare_linear
+from llmc_tpu.verify.layouts import expert_of, model_spec, read_moe_expert
 from llmc_tpu.verify.llm_convert import LoweredLinear, compile_with_llm_convert, lowered_weight_files, unpack_w4
 from llmc_tpu.verify.tpu_mlir_env import TpuMlirEnv, VerifyError
 
@@ -88,6 +89,7 @@ def compare_checkpoint_lowered(model_dir: Path, fmt: TpuWeightFormat, out_dir: P
     if not ours:
         raise VerifyError(f"no *.qweight tensors in {model_dir}")
     npz_files = lowered_weight_files(out_dir)
+    spec, _ = model_spec(model_dir)
     layer_of = {name: int(m.group(1)) for name in ours if (m := _LAYER.match(name))}
     rows, loaded = [], {}
     for name in sorted(ours, key=lambda n: (layer_of.get(n, -1), n)):
@@ -96,8 +98,18 @@ def compare_checkpoint_lowered(model_dir: Path, fmt: TpuWeightFormat, out_dir: P
             rows.append(compare_linear(name, q, None))
             continue
         if layer not in loaded:
+            top = npz_files[layer].parent / f"block_{layer}_top_f32_all_weight.npz"
             with np.load(npz_files[layer]) as npz:
                 loaded = {layer: dict(npz)}  # one block at a time
+            if top.is_file():  # MoE experts: as TPU-MLIR's reader stacked them for its fused MoE op
+                with np.load(top) as npz:
+                    loaded[layer].update({f"top:{k}": v for k, v in npz.items() if ".expert_id." in k})
+        if (expert := expert_of(spec, name)) is not None:
+            stacked, leaf = expert
+            e = int(name[: -len(leaf) - 1].rsplit(".", 1)[1])
+            top_npz = {k[4:]: v for k, v in loaded[layer].items() if k.startswith("top:")}
+            rows.append(compare_linear(name, q, read_moe_expert(top_npz, stacked, leaf, e, spec, fmt)))
+            continue
         rows.append(compare_linear(name, q, read_prequantized_linear(loaded[layer], name, q.codes.shape[1], fmt.bits)))
     return VerifyResult(Path(model_dir), fmt, Path(out_dir), rows)
 

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat, quantize_weight
+from llmc_tpu.verify.layouts import model_spec, split_parts
 from llmc_tpu.verify.llm_convert import LoweredLinear, lowered_weight_files, read_lowered_linear, run_llm_convert
 from llmc_tpu.verify.tpu_mlir_env import TpuMlirEnv, VerifyError
 
@@ -118,16 +119,20 @@ def saved_block_linears(model_dir: Path) -> dict[str, tuple[int, torch.Tensor]]:
 def compare_lowered(model_dir: Path, fmt: TpuWeightFormat, out_dir: Path) -> VerifyResult:
     """Compare llm_convert's lowered weights in ``out_dir`` with ``quantize_weight`` of the saved weights."""
     npz_files = lowered_weight_files(out_dir)
+    spec, config = model_spec(model_dir)
     rows, loaded = [], {}
     for name, (layer, weight) in saved_block_linears(model_dir).items():
-        ours = quantize_weight(weight.float(), fmt)
-        if layer not in npz_files:
-            rows.append(compare_linear(name, ours, None))
-            continue
-        if layer not in loaded:
-            with np.load(npz_files[layer]) as npz:
-                loaded = {layer: dict(npz)}  # one block at a time
-        rows.append(compare_linear(name, ours, read_lowered_linear(loaded[layer], name, weight.shape[1], fmt.bits)))
+        # a fused Linear llm_convert cuts into parts (Phi3's qkv_proj) is compared part by part
+        for suffix, part in split_parts(spec, config, name, weight.shape[0]) or [("", None)]:
+            ours = quantize_weight((weight if part is None else weight[part]).float(), fmt)
+            if layer not in npz_files:
+                rows.append(compare_linear(name + suffix, ours, None))
+                continue
+            if layer not in loaded:
+                with np.load(npz_files[layer]) as npz:
+                    loaded = {layer: dict(npz)}  # one block at a time
+            rows.append(compare_linear(name + suffix, ours,
+                                       read_lowered_linear(loaded[layer], name + suffix, weight.shape[1], fmt.bits)))
     return VerifyResult(Path(model_dir), fmt, Path(out_dir), rows)
 
 
