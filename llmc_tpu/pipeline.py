@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -32,9 +32,8 @@ from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.loading import LoadedModel, load_model
 from llmc_tpu.models.registry import ModelSpec
 from llmc_tpu.preflight import preflight
-from llmc_tpu.resume import Checkpoints, NoCheckpoints
 from llmc_tpu.report import RunReport, llm_convert_command
-from llmc_tpu.tpu.rtn import TpuWeightFormat
+from llmc_tpu.resume import Checkpoints, NoCheckpoints
 
 log = logging.getLogger("llmc_tpu")
 RESUME_FOLDER = "_resume"  # per-block checkpoints inside the output's temp folder

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from tiny_models import make_tiny_model
 
 from llmc_tpu.algorithms.awq import ClipSearch, apply_clip, group_gram, search_clip
 from llmc_tpu.config import parse_config
@@ -12,11 +13,11 @@ from llmc_tpu.methods.awq import AwqMethod, tpu_quantizer
 from llmc_tpu.methods.base import BlockContext
 from llmc_tpu.models.loading import load_model
 from llmc_tpu.tpu.rtn import TpuWeightFormat
-from tiny_models import make_tiny_model
 
 
-def run_awq_on_model(model, spec, batches, special, fmt=TpuWeightFormat()):
+def run_awq_on_model(model, spec, batches, special, fmt=None):
     """Run AWQ block by block like the pipeline (without quant_out); return the per-block reports."""
+    fmt = fmt or TpuWeightFormat()
     from llmc_tpu.engine.blockwise import run_block
 
     method = AwqMethod(special)

@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 from datasets import Dataset
+from tiny_models import make_tokenizer
 
 from llmc_tpu.data.calib import build_samples, calibration_texts
 from llmc_tpu.data.download import SOURCES, download
 from llmc_tpu.data.text import DataError, eval_text, read_lines
-from tiny_models import make_tokenizer
 
 ROWS = {"text": ["", " = Title = ", "first line of text", "second line"], "sentence": ["a b", "c d", "e", "f"],
         "question": ["q1", "q2", "q3", "q4"]}

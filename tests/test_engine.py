@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import make_tiny_model
 
 from llmc_tpu.engine.blockwise import blocks_of, capture_block_inputs, run_block
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
 from llmc_tpu.models.loading import load_model
-from tiny_models import make_tiny_model
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -9,13 +9,12 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_models import make_tiny_model
 
 from llmc_tpu.config import parse_config
-from llmc_tpu.export.output_dir import OutputExistsError
 from llmc_tpu.pipeline import Quantizer
 from llmc_tpu.preflight import PreflightError
 from llmc_tpu.tpu.rtn import TpuWeightFormat, quantize_weight
-from tiny_models import make_tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ llmc-tpu configs keep working; unknown keys are errors.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,34 +26,34 @@ class BaseSection(Section):
 
 class ModelSection(Section):
     path: str = Field(description="local Hugging Face folder or hub id")
-    type: Optional[str] = Field(None, description="Llama, Qwen2, ... or an HF model_type; read from config.json when left out")
+    type: str | None = Field(None, description="Llama, Qwen2, ... or an HF model_type; read from config.json when left out")
     tokenizer_mode: Literal["fast", "slow"] = "fast"
     torch_dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     trust_remote_code: bool = False
 
 
 class CalibSection(Section):
-    name: Optional[str] = Field(None, description="pileval, wikitext2, c4, ptb, custom_txt, custom_mm (VLM); default by method")
+    name: str | None = Field(None, description="pileval, wikitext2, c4, ptb, custom_txt, custom_mm (VLM); default by method")
     download: bool = False
-    path: Optional[str] = None
+    path: str | None = None
     n_samples: int = Field(128, gt=0)
     bs: int = Field(-1, description="-1: all samples in one batch")
     seq_len: int = Field(512, gt=0)
-    preproc: Optional[str] = Field(None, description="pileval_awq, wikitext2_gptq, c4_gptq, ptb_gptq, random_truncate_txt")
-    seed: Optional[int] = Field(None, description="defaults to base.seed")
+    preproc: str | None = Field(None, description="pileval_awq, wikitext2_gptq, c4_gptq, ptb_gptq, random_truncate_txt")
+    seed: int | None = Field(None, description="defaults to base.seed")
     padding: bool = False
     apply_chat_template: bool = False
     add_answer: bool = False
-    min_pixels: Optional[int] = Field(None, gt=0, description="VLM image size floor (Qwen-VL); default 4*28*28")
-    max_pixels: Optional[int] = Field(None, gt=0, description="VLM image size cap (Qwen-VL); default 256*28*28, fits 24 GB")
+    min_pixels: int | None = Field(None, gt=0, description="VLM image size floor (Qwen-VL); default 4*28*28")
+    max_pixels: int | None = Field(None, gt=0, description="VLM image size cap (Qwen-VL); default 256*28*28, fits 24 GB")
 
 
 class EvalSection(Section):
     eval_pos: list[EvalPos] = Field(default_factory=lambda: ["pretrain", "transformed", "fake_quant"])
     type: Literal["ppl"] = "ppl"
-    name: Union[str, list[str]] = "wikitext2"
+    name: str | list[str] = "wikitext2"
     download: bool = False
-    path: Union[str, list[str], None] = None
+    path: str | list[str] | None = None
     bs: int = Field(1, gt=0)
     seq_len: int = Field(2048, gt=0)
     inference_per_block: bool = False

@@ -7,8 +7,8 @@ every window predicts seq_len - 1 tokens, so this equals the mean of the per-win
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ class PplResult:
     nll_sum: float
     n_tokens: int
     n_windows: int
-    predictions: Optional[torch.Tensor] = None  # argmax next token per position, for token consistency
+    predictions: torch.Tensor | None = None  # argmax next token per position, for token consistency
 
 
 def windows(tokens: torch.Tensor, seq_len: int, max_windows: int | None = None) -> torch.Tensor:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_models import make_tiny_model
 
 from llmc_tpu.cli import main
-from tiny_models import make_tiny_model
 
 BASE = {"model": {"path": "{model}", "torch_dtype": "float32"},
         "eval": {"name": "custom_ppl", "path": "{eval}", "seq_len": 32, "bs": 8},

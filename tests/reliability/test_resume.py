@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import yaml
-
 from tiny_models import TEXT, make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
