@@ -44,3 +44,18 @@ def test_configs_in_the_repo_are_valid():
 
     for cfg in sorted((REPO / "configs").rglob("*.yml")):
         load_config(cfg)
+
+
+def test_ruff_is_clean():
+    """The repo's ruff configuration passes on the package, tests and tools (skipped where ruff is absent)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import pytest
+
+    if importlib.util.find_spec("ruff") is None:
+        pytest.skip("ruff not installed (pip install -e '.[dev]')")
+    run = subprocess.run([sys.executable, "-m", "ruff", "check", "llmc_tpu", "tests", "tools", "tpu"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout
