@@ -31,10 +31,10 @@ def whole_model_logits(model: nn.Module, win: torch.Tensor, bs: int, device: tor
 
 
 @torch.no_grad()
-def blockwise_logits(model: nn.Module, spec: ModelSpec, win: torch.Tensor, bs: int, device: torch.device,
-                     progress: Progress | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Stream the blocks through the device one at a time (for models that do not fit), then norm and lm_head."""
-    batches = _batches(win, bs)
+def streamed_logits(model: nn.Module, spec: ModelSpec, batches: list, device: torch.device,
+                    progress: Progress | None = None) -> Iterator[torch.Tensor]:
+    """Logits per batch (ids, or a dict of model inputs), streaming the blocks through the device one at a time
+    (for models that do not fit), then the final norm and lm_head."""
     inputs = capture_block_inputs(model, spec, batches)
     blocks = blocks_of(model, spec)
     for block in progress(blocks, desc="eval (per block)", unit="block") if progress else blocks:
@@ -44,8 +44,15 @@ def blockwise_logits(model: nn.Module, spec: ModelSpec, win: torch.Tensor, bs: i
     norm = model.get_submodule(spec.final_norm).to(device)
     head = model.get_submodule(spec.lm_head).to(device)
     try:
-        for ids, inp in zip(batches, inputs):
-            yield ids, head(norm(inp.hidden.to(device)))
+        for inp in inputs:
+            yield head(norm(inp.hidden.to(device)))
     finally:
         norm.to("cpu")
         head.to("cpu")
+
+
+def blockwise_logits(model: nn.Module, spec: ModelSpec, win: torch.Tensor, bs: int, device: torch.device,
+                     progress: Progress | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(ids, logits) per batch of eval windows, one block on the device at a time."""
+    batches = _batches(win, bs)
+    yield from zip(batches, streamed_logits(model, spec, batches, device, progress))

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmc_tpu.data.multimodal import MmBatch
-from llmc_tpu.engine.blockwise import blocks_of, capture_block_inputs, move, run_block
+from llmc_tpu.engine.blockwise import move
+from llmc_tpu.engine.forward import streamed_logits
 from llmc_tpu.eval.ppl import PplResult
 from llmc_tpu.models.registry import ModelSpec
 
@@ -38,19 +39,8 @@ def vlm_logits(model: nn.Module, spec: ModelSpec, batches: list[MmBatch], device
         finally:
             model.to("cpu")
         return
-    inputs = capture_block_inputs(model, spec, [b.inputs for b in batches])  # vision tower and prefill on the CPU
-    for block in progress(blocks_of(model, spec), desc="eval (per block)", unit="block") if progress else blocks_of(model, spec):
-        block.to(device)
-        inputs = run_block(block, inputs, device)
-        block.to("cpu")
-    norm = model.get_submodule(spec.final_norm).to(device)
-    head = model.get_submodule(spec.lm_head).to(device)
-    try:
-        for b, inp in zip(batches, inputs):
-            yield b, head(norm(inp.hidden.to(device)))
-    finally:
-        norm.to("cpu")
-        head.to("cpu")
+    # the vision tower and the prefill run on the CPU; the language blocks stream through the device
+    yield from zip(batches, streamed_logits(model, spec, [b.inputs for b in batches], device, progress))
 
 
 @torch.no_grad()
