@@ -7,6 +7,7 @@ import inspect
 import io
 import json
 import re
+import shutil
 import tokenize
 from pathlib import Path
 
@@ -65,8 +66,8 @@ def text_file(tmp_path_factory) -> Path:
     return p
 
 
-def run(model: Path, method: str, text: Path, save: Path, **special):
-    cfg = {"model": {"path": str(model), "torch_dtype": "float32"},
+def run(model: Path, method: str, text: Path, save: Path, trust_remote_code: bool = False, **special):
+    cfg = {"model": {"path": str(model), "torch_dtype": "float32", "trust_remote_code": trust_remote_code},
            "calib": {"name": "custom_txt", "path": str(text), "n_samples": 4, "seq_len": 32},
            "eval": {"name": "custom_ppl", "path": str(text), "seq_len": 32, "bs": 4},
            "quant": {"method": method, "special": special},
@@ -84,8 +85,8 @@ def block_weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def reloaded_ppl(folder: Path, text: Path) -> float:
-    loaded = load_model(str(folder), torch_dtype="float32")
+def reloaded_ppl(folder: Path, text: Path, trust_remote_code: bool = False) -> float:
+    loaded = load_model(str(folder), torch_dtype="float32", trust_remote_code=trust_remote_code)
     ids = loaded.tokenizer(text.read_text(), return_tensors="pt").input_ids[0]
     return perplexity(whole_model_logits(loaded.model, windows(ids, 32), 4, torch.device("cpu"))).ppl
 
@@ -152,12 +153,13 @@ def random_scales(monkeypatch, seed: int = 0) -> None:
     monkeypatch.setattr(awq_module, "search_scale", search)
 
 
-@pytest.mark.parametrize("name", SPECIAL_FOLDS)
-def test_awq_fold_preserves_logits(name, tiny, monkeypatch):
+@pytest.mark.parametrize("name", [*SPECIAL_FOLDS, "internlm2_standin"])
+def test_awq_fold_preserves_logits(name, tiny, standin_internlm2, monkeypatch):
     """With random scales and no clipping, every fold rule (LayerNorm bias, Gemma's 1 + w, fused parts,
     parallel blocks, MoE routers and experts, GQA repeat over fused v) keeps the float model's function."""
     random_scales(monkeypatch)
-    loaded = load_model(str(tiny(name)), torch_dtype="float32")
+    remote = name == "internlm2_standin"
+    loaded = load_model(str(standin_internlm2 if remote else tiny(name)), torch_dtype="float32", trust_remote_code=remote)
     model, spec = loaded.model, loaded.spec
     ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
     before = model(input_ids=ids).logits
@@ -181,6 +183,48 @@ def test_awq_fold_preserves_logits(name, tiny, monkeypatch):
     assert scaled and all(not torch.equal(state[n + ".weight"], originals[n + ".weight"]) for n in scaled)
     if spec.experts is not None:  # the routers took s too (else the logits above would differ)
         assert not torch.equal(state[f"{spec.blocks}.1.mlp.gate.weight"], originals[f"{spec.blocks}.1.mlp.gate.weight"])
+
+
+@pytest.fixture(scope="module")
+def standin_internlm2(tmp_path_factory) -> Path:
+    """A remote-code model folder (auto_map + modeling .py files) in InternLM2's layout, built through
+    transformers' remote-code path; the code is our stand-in (tests/standin_internlm2), not InternLM2's."""
+    from tiny_models import make_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path_factory.mktemp("internlm2_standin") / "m"
+    folder.mkdir()
+    for f in (Path(__file__).parent / "standin_internlm2").glob("*.py"):
+        shutil.copy(f, folder / f.name)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "internlm2", "architectures": ["StandInInternLM2ForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_standin.StandInInternLM2Config",
+                     "AutoModelForCausalLM": "modeling_standin.StandInInternLM2ForCausalLM"},
+        "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2}))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder, trust_remote_code=True),
+                                             trust_remote_code=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.08) if p.dim() == 2 else p.normal_(1, 0.2)
+    model.to(torch.bfloat16).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("method", ["Awq", "GPTQ"])
+def test_remote_code_layout_end_to_end(method, standin_internlm2, text_file, tmp_path):
+    """model.trust_remote_code: true loads the folder's own code; the InternLM2 entry (grouped wqkv, w1/w3/w2)
+    drives AWQ and GPTQ on it, and the saved folders reload through the same code."""
+    report = run(standin_internlm2, method, text_file, tmp_path / "out", trust_remote_code=True,
+                 **({"n_grid": 4, "gqa_o_proj": "repeat"} if method == "Awq" else {}))
+    assert report.model["family"] == "InternLM2" and report.quantized["n_linears"] == 2 * 5
+    if method == "Awq":  # wo is scaled through the v rows of the grouped wqkv, repeated over 2 q heads per kv head
+        assert any(s["layers"] == ["attention.wo"] for b in report.method["blocks"] for s in b["scaled"])
+    fake = tmp_path / "out" / "fake_quant_model"
+    assert (fake / "modeling_standin.py").is_file()
+    assert reloaded_ppl(fake, text_file, trust_remote_code=True) == pytest.approx(report.ppl["fake_quant"]["eval"], rel=3e-3)
 
 
 @pytest.mark.parametrize("model_type", sorted(n for n, s in REGISTRY.items() if s.remote_code))
