@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
 import platform
@@ -46,6 +45,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+from _common import write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from llmc_tpu.config.load import parse_config, tpu_format  # noqa: E402
 from llmc_tpu.data.calib import build_samples, calibration_texts  # noqa: E402
@@ -432,10 +433,7 @@ def main(argv: list[str] | None = None) -> int:
                  for rows in results.values() for r in rows],
         "table": text,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_result(result, args.out)
     return 0
 
 

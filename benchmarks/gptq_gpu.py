@@ -17,7 +17,6 @@ the first block's warm-up); the model's loading and evaluation are not included.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -29,6 +28,8 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _common import write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from llmc_tpu.engine.blockwise import BlockInput, run_block  # noqa: E402
 from llmc_tpu.fake_quant import fake_quantized, quantize_block  # noqa: E402
@@ -156,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "python": platform.python_version(), "args": vars(args), "blocks": rows,
               "estimate_model_s": estimate, "peak_gpu_mem_gib": peak, "table": table,
               "note": "estimate = first block + (model_blocks - 1) x last block; loading and evaluation excluded"}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_result(result, args.out)
     return 0
 
 
