@@ -14,3 +14,31 @@ def write_result(result: dict[str, Any], out: str | Path) -> Path:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {out}")
     return out
+
+
+def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
+    """Installed version of each package (None when absent)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {}
+    for pkg in names:
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    return versions
+
+
+def git_commit(root: Path, mark_modified: str | None = None) -> str | None:
+    """The checkout's short commit; with ``mark_modified`` a path, noted when that path has uncommitted edits."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        if mark_modified and subprocess.run(["git", "-C", str(root), "status", "--porcelain", mark_modified],
+                                            capture_output=True, text=True).stdout.strip():
+            commit += f" ({mark_modified}/ modified)"
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit

@@ -29,7 +29,6 @@ import copy
 import logging
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,7 +45,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from _common import write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import git_commit, package_versions, write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from llmc_tpu.config.load import parse_config, tpu_format  # noqa: E402
 from llmc_tpu.data.calib import build_samples, calibration_texts  # noqa: E402
@@ -277,22 +276,8 @@ def ppl_of(loaded: LoadedModel, state: dict[str, torch.Tensor] | None, win: torc
 
 # -- report -------------------------------------------------------------------------------------
 def environment() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for pkg in ("torch", "transformers", "llmcompressor", "compressed-tensors", "accelerate", "datasets"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "llmc_tpu"], capture_output=True,
-                                    text=True).stdout.strip())
-        commit += " (llmc_tpu/ modified)" if dirty else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    versions = package_versions(("torch", "transformers", "llmcompressor", "compressed-tensors", "accelerate", "datasets"))
+    commit = git_commit(ROOT, mark_modified="llmc_tpu")
     return {"device": f"CPU, {os.cpu_count()} cores", "torch_threads": torch.get_num_threads(),
             "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
             "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),

@@ -32,7 +32,6 @@ import copy
 import logging
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from _common import write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import git_commit, package_versions, write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from llmc_tpu.config.load import parse_config  # noqa: E402
 from llmc_tpu.data.calib import build_samples, calibration_texts  # noqa: E402
@@ -204,19 +203,8 @@ def changed_by_tpu_rtn(loaded: LoadedModel, fmt: TpuWeightFormat, state: dict[st
 
 
 def environment() -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {}
-    for pkg in ("torch", "transformers", "llmcompressor", "compressed-tensors"):
-        try:
-            versions[pkg] = version(pkg)
-        except PackageNotFoundError:
-            versions[pkg] = None
-    try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    versions = package_versions(("torch", "transformers", "llmcompressor", "compressed-tensors"))
+    commit = git_commit(ROOT)
     return {"device": f"CPU, {os.cpu_count()} cores", "torch_threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
             "llmc_tpu_commit": commit, "versions": versions}
