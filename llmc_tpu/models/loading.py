@@ -147,7 +147,3 @@ def load_model(path_or_id: str, declared_type: str | None = None, torch_dtype: s
             raise ModelLoadError(str(exc)) from None
     log.info("loaded %s (%s, %s) from %s", spec.display_name, model_type, next(model.parameters()).dtype, folder)
     return LoadedModel(model, tokenizer, spec, folder, model_type, processor)
-
-
-def get_module(root: nn.Module, dotted: str) -> nn.Module:
-    return root.get_submodule(dotted)
