@@ -275,3 +275,49 @@ def test_pipeline_end_to_end_checkpoint_equals_fake_quant(case, tmp_path, eval_t
         for subset in block["gptq"]:
             for name, err in subset["err"].items():
                 assert err < subset["err_rtn"][name], (block["block"], name)
+
+
+def sink_inputs(k: int = 128, seqs: int = 16, seq: int = 64, seed: int = 0) -> torch.Tensor:
+    """Tokens with a decaying spectrum, plus one attention-sink token per sequence (position 0) whose activation
+    is massive in a few channels, as at the input of an LLM's down_proj."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(k) + 0.8 * torch.randn(k, k, generator=g) / k ** 0.5
+    x = (torch.randn(seqs * seq, k, generator=g) @ mix * torch.logspace(-2, 0.5, k)).view(seqs, seq, k)
+    x[:, 0, :4] += 1000.0 * torch.randn(4, generator=g).sign()
+    return x
+
+
+def test_token_clip_caps_outlier_tokens_per_sequence():
+    from llmc_tpu.algorithms.gptq import clip_outlier_tokens
+
+    x = sink_inputs()
+    clipped = clip_outlier_tokens(x, 10.0)
+    sq, sq_c = x.square().sum(-1), clipped.square().sum(-1)
+    median = sq.median(dim=1, keepdim=True).values
+    assert torch.equal(clipped[:, 1:], x[:, 1:])  # ordinary tokens untouched
+    torch.testing.assert_close(sq_c[:, 0], 10.0 * median[:, 0])  # sinks capped at 10x their sequence's median
+    cos = torch.nn.functional.cosine_similarity(clipped[:, 0], x[:, 0], dim=-1)
+    torch.testing.assert_close(cos, torch.ones_like(cos))  # direction kept
+    assert torch.equal(clip_outlier_tokens(x, 0.0), x)
+    whole, parts = Hessian(128, token_clip=10.0), Hessian(128, token_clip=10.0)  # independent of the batching
+    whole.add(x)
+    for i in range(0, 16, 4):
+        parts.add(x[i:i + 4])
+    torch.testing.assert_close(whole.h, parts.h, rtol=1e-5, atol=1e-4)
+
+
+def test_token_clip_keeps_sink_tokens_from_deciding_the_codes():
+    """Without the clip, H is mostly the sinks' and GPTQ fits them at the expense of ordinary tokens."""
+    w, fmt = weight(n=128, k=128), W4
+    x = sink_inputs(seqs=32)
+    calib, held_out = x[:16], x[16:]
+    ordinary = Hessian(128)
+    ordinary.add(held_out[:, 1:])
+    errs = {}
+    for clip in (0.0, 10.0):
+        h = Hessian(128, token_clip=clip)
+        h.add(calib)
+        errs[clip] = output_error(w, gptq_quantize(w, h.h, fmt).dequantize(), ordinary.h)
+    err_rtn = output_error(w, quantize_weight(w, fmt).dequantize(), ordinary.h)
+    assert errs[10.0] < 0.8 * errs[0.0], errs
+    assert errs[0.0] > err_rtn > errs[10.0], (errs, err_rtn)  # unclipped GPTQ is even worse than RTN here

@@ -87,17 +87,31 @@ class GptqSpecial(Section):
     percdamp: float = Field(0.01, gt=0)
     blocksize: int = Field(128, gt=0)
     true_sequential: bool = True
+    token_clip: float = Field(10.0, ge=0, description="Hessian statistics: tokens above token_clip x their sequence's median "
+                              "squared norm (attention sinks' massive activations) are scaled down to it; 0 keeps them")
 
 
 class RtnSpecial(Section):
     pass
 
 
-SPECIALS: dict[str, type[Section]] = {"RTN": RtnSpecial, "Awq": AwqSpecial, "GPTQ": GptqSpecial}
+class AwqGptqSpecial(AwqSpecial, GptqSpecial):
+    """Awq+GPTQ: AWQ's scales and clipping on the float weights, then GPTQ's codes on the result."""
+
+
+SPECIALS: dict[str, type[Section]] = {"RTN": RtnSpecial, "Awq": AwqSpecial, "GPTQ": GptqSpecial,
+                                      "Awq+GPTQ": AwqGptqSpecial}
+# methods that choose the integer codes themselves: their handoff is a GPTQ checkpoint (gptq_tpu_model/)
+CODE_METHODS = ("GPTQ",)
+
+
+def chooses_codes(method: str) -> bool:
+    """Whether a (validated) quant.method ends with a method that picks its own codes."""
+    return method.split("+")[-1] in CODE_METHODS
 
 
 class QuantSection(Section):
-    method: str = Field(description="RTN, Awq or GPTQ (any case)")
+    method: str | list[str] = Field(description="RTN, Awq, GPTQ (any case), or the combination [Awq, GPTQ] (also 'Awq+GPTQ')")
     weight: WeightSection = Field(default_factory=WeightSection)
     special: dict[str, Any] = Field(default_factory=dict)
     quant_out: bool = False

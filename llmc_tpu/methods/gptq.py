@@ -31,7 +31,7 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def collect_hessians(block: nn.Module, subsets: list[Subset], inputs: list[BlockInput], device: torch.device,
-                     stop_early: bool = False) -> dict[str, Hessian]:
+                     stop_early: bool = False, token_clip: float = 0.0) -> dict[str, Hessian]:
     """Run the block on every batch and accumulate the Hessian of each subset's input (keyed by its first layer).
 
     ``stop_early``: end each forward pass once the last subset's input is seen.
@@ -42,7 +42,7 @@ def collect_hessians(block: nn.Module, subsets: list[Subset], inputs: list[Block
     for subset in subsets:
         name = subset.layers[0]
         linear = block.get_submodule(name)
-        hessians[name] = Hessian(linear.in_features, device)
+        hessians[name] = Hessian(linear.in_features, device, token_clip)
 
         def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
             hessians[name].add(args[0])
@@ -84,14 +84,15 @@ class GptqMethod(Method):
                 for subset in subsets:
                     stages.setdefault(subset.stage, []).append(subset)
                 for stage in stages.values():
-                    hessians = collect_hessians(block, stage, ctx.inputs, ctx.device, stop_early=len(stage) == 1)
+                    hessians = collect_hessians(block, stage, ctx.inputs, ctx.device, stop_early=len(stage) == 1,
+                                                token_clip=self.special["token_clip"])
                     for subset in stage:
                         notes.append(self._solve(ctx, subset, hessians[subset.layers[0]]))
                         for name in subset.layers:  # the next stages see this one quantized
                             linear = block.get_submodule(name)
                             linear.weight.data = ctx.results[name].dequantize().to(linear.weight.device, linear.weight.dtype)
             else:
-                hessians = collect_hessians(block, list(subsets), ctx.inputs, ctx.device)
+                hessians = collect_hessians(block, list(subsets), ctx.inputs, ctx.device, token_clip=self.special["token_clip"])
                 notes += [self._solve(ctx, s, hessians[s.layers[0]]) for s in subsets]
         finally:
             for name, weight in originals.items():
