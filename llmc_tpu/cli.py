@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from llmc_tpu.config.schema import chooses_codes
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_MISMATCH, EXIT_EXPORT_FAILED = 0, 1, 2, 3, 4
 
 EPILOG = """\
@@ -101,7 +103,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         print(format_onnx_result(onnx_result))
         return EXIT_OK if onnx_result.ok else EXIT_MISMATCH
-    gptq = report.get("config", {}).get("quant", {}).get("method") == "GPTQ"  # handoff: a GPTQ checkpoint, -q auto
+    # methods that choose codes hand over a GPTQ checkpoint (-q auto)
+    gptq = chooses_codes(str(report.get("config", {}).get("quant", {}).get("method", "")))
     model_dir = save / ("gptq_tpu_model" if gptq else "transformed_model")
     if not model_dir.is_dir():
         why = "the run did not finish writing it" if gptq else "the run had save.save_trans off"

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from llmc_tpu import vlm_quant
 from llmc_tpu.config.load import tpu_format
-from llmc_tpu.config.schema import RunConfig
+from llmc_tpu.config.schema import RunConfig, chooses_codes
 from llmc_tpu.data.text import DataError, eval_text
 from llmc_tpu.engine.blockwise import BlockInput, blocks_of, capture_block_inputs, run_block
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
@@ -27,7 +27,7 @@ from llmc_tpu.export.hf_folder import save_hf_folder
 from llmc_tpu.export.onnx import check_exportable, save_onnx
 from llmc_tpu.export.output_dir import OutputDir
 from llmc_tpu.fake_quant import QuantResults, apply_fake_quant, fake_quantized, quantize_block
-from llmc_tpu.methods import METHODS
+from llmc_tpu.methods import build_method, needs_calibration
 from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.loading import LoadedModel, load_model
 from llmc_tpu.models.registry import ModelSpec
@@ -113,7 +113,7 @@ class Quantizer:
     # -- stages -------------------------------------------------------------------------------
     def run(self) -> RunReport:
         cfg = self.cfg
-        preflight(cfg, self.fmt, self.overwrite, METHODS[cfg.quant.method].needs_calibration)  # every problem, before any work
+        preflight(cfg, self.fmt, self.overwrite, needs_calibration(cfg.quant.method))  # every problem, before any work
         out = OutputDir(cfg.save.save_path, self.overwrite, self.resume)
         try:
             self.ckpt = Checkpoints(out.path(RESUME_FOLDER), self.report.config)
@@ -150,10 +150,11 @@ class Quantizer:
                     save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("fake_quant_model"),
                                    source_config=bool(loaded.spec.vision))
                 self.report.outputs["fake_quant_model"] = str(out.final / "fake_quant_model")
-            if cfg.quant.method == "GPTQ":  # GPTQ's handoff: a checkpoint llm_convert -q auto reads with our codes
+            if chooses_codes(cfg.quant.method):  # GPTQ's handoff: a checkpoint llm_convert -q auto reads with our codes
                 with self.timer("save"):
                     save_gptq_checkpoint(loaded.model, loaded.tokenizer, loaded.path, out.path(GPTQ_FOLDER), results,
-                                         self.fmt, meta={"damp_percent": cfg.quant.special["percdamp"], **cfg.quant.special},
+                                         self.fmt, meta={"method": cfg.quant.method, "damp_percent": cfg.quant.special.get("percdamp", 0.0),
+                                               **cfg.quant.special},
                                          original_keys=bool(loaded.spec.vision))
                 self.report.outputs[GPTQ_FOLDER] = str(out.final / GPTQ_FOLDER)
             gpu_exports = [key for key in EXPORTS if getattr(cfg.save, key)]
@@ -184,7 +185,7 @@ class Quantizer:
 
     def quantize(self, loaded: LoadedModel) -> QuantResults:
         """Transform (method) and quantize (TPU RTN) each block in turn, one block on the device at a time."""
-        method: Method = METHODS[self.cfg.quant.method](self.cfg.quant.special)
+        method: Method = build_method(self.cfg.quant.method, self.cfg.quant.special)
         model, spec = loaded.model, loaded.spec
         inputs = self._calibration_inputs(loaded) if method.needs_calibration else None
         results: QuantResults = {}
@@ -317,7 +318,7 @@ class Quantizer:
 
     def _next_steps(self, final: Path) -> None:
         steps = []
-        if self.cfg.quant.method == "GPTQ":
+        if chooses_codes(self.cfg.quant.method):
             steps.append(llm_convert_auto_command(final / GPTQ_FOLDER, self.fmt, self.cfg.run.seq_length, final / "bmodel"))
             steps.append(f"llmc-tpu verify {final}")
         if self.cfg.save.save_trans:

@@ -11,11 +11,12 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from llmc_tpu.config.errors import ConfigError, Problem, did_you_mean
-from llmc_tpu.config.schema import SPECIALS, RunConfig
+from llmc_tpu.config.schema import SPECIALS, RunConfig, chooses_codes
 from llmc_tpu.tpu.rtn import TpuWeightFormat
 
 METHODS = tuple(SPECIALS)
-DEFAULT_CALIB = {"Awq": ("pileval", "pileval_awq"), "GPTQ": ("wikitext2", "wikitext2_gptq"), "RTN": (None, None)}
+DEFAULT_CALIB = {"Awq": ("pileval", "pileval_awq"), "GPTQ": ("wikitext2", "wikitext2_gptq"), "RTN": (None, None),
+                 "Awq+GPTQ": ("wikitext2", "wikitext2_gptq")}
 DEFAULT_PREPROC = {
     "pileval": "pileval_awq",
     "wikitext2": "wikitext2_gptq",
@@ -80,10 +81,18 @@ def tpu_format(cfg: RunConfig) -> TpuWeightFormat:
 
 
 def _normalize_method(value: Any, problems: list[Problem]) -> str | None:
+    """A method name in any case, or a combination (a list, or names joined by '+'), as its canonical name."""
     by_lower = {m.lower(): m for m in METHODS}
-    if isinstance(value, str) and value.lower() in by_lower:
-        return by_lower[value.lower()]
-    problems.append(Problem("quant.method", f"unknown method; allowed: {', '.join(METHODS)}{did_you_mean(value, METHODS)}", value))
+    steps = value.split("+") if isinstance(value, str) else value if isinstance(value, list) else None
+    if steps and all(isinstance(v, str) for v in steps):
+        name = "+".join(by_lower.get(v.strip().lower(), v.strip()) for v in steps)
+        if name.lower() in by_lower:
+            return by_lower[name.lower()]
+    combos = [m for m in METHODS if "+" in m]
+    allowed = ", ".join(m for m in METHODS if "+" not in m) + ", or a combination: " + ", ".join(
+        "[" + ", ".join(m.split("+")) + "]" for m in combos)
+    shown = "+".join(map(str, value)) if isinstance(value, list) else value
+    problems.append(Problem("quant.method", f"unknown method; allowed: {allowed}{did_you_mean(shown, METHODS)}", value))
     return None
 
 
@@ -176,7 +185,7 @@ def _check_values(cfg: RunConfig) -> list[Problem]:
             if getattr(cfg.save, key):
                 problems.append(Problem(f"save.{key}", "not available for VLMs in this version; VLMs are saved as "
                                         "transformed_model / fake_quant_model (and gptq_tpu_model for GPTQ)", True))
-    if cfg.quant.method == "GPTQ":
+    if chooses_codes(cfg.quant.method):
         problems += _check_gptq(cfg)
     return problems
 
@@ -200,7 +209,7 @@ def _check_gptq(cfg: RunConfig) -> list[Problem]:
 
 
 def _fill_defaults(cfg: RunConfig) -> None:
-    if cfg.quant.method == "GPTQ" and "save_trans" not in cfg.save.model_fields_set:
+    if chooses_codes(cfg.quant.method) and "save_trans" not in cfg.save.model_fields_set:
         cfg.save.save_trans = False  # GPTQ writes its checkpoint instead (see _check_gptq)
     if cfg.quant.weight.granularity == "per_channel":
         cfg.quant.weight.group_size = -1
