@@ -188,7 +188,7 @@ def test_every_problem_is_listed_at_once():
 
 def test_unknown_method_names_allowed_values():
     (p,) = problems_of({**MINIMAL, "quant": {"method": "GPTQQ"}})
-    assert p.startswith("quant.method = 'GPTQQ': unknown method; allowed: RTN, Awq, GPTQ, or a combination: [Awq, GPTQ] (did you mean 'GPTQ'?)")
+    assert p.startswith("quant.method = 'GPTQQ': unknown method; allowed: RTN, Awq, GPTQ, SignRound, or a combination: [Awq, GPTQ], [Awq, SignRound] (did you mean 'GPTQ'?)")
 
 
 def test_special_is_checked_per_method():

@@ -16,7 +16,8 @@ from llmc_tpu.tpu.rtn import TpuWeightFormat
 
 METHODS = tuple(SPECIALS)
 DEFAULT_CALIB = {"Awq": ("pileval", "pileval_awq"), "GPTQ": ("wikitext2", "wikitext2_gptq"), "RTN": (None, None),
-                 "Awq+GPTQ": ("wikitext2", "wikitext2_gptq")}
+                 "SignRound": ("pileval", "pileval_awq"), "Awq+GPTQ": ("wikitext2", "wikitext2_gptq"),
+                 "Awq+SignRound": ("pileval", "pileval_awq")}
 DEFAULT_PREPROC = {
     "pileval": "pileval_awq",
     "wikitext2": "wikitext2_gptq",
@@ -187,6 +188,10 @@ def _check_values(cfg: RunConfig) -> list[Problem]:
                                         "transformed_model / fake_quant_model (and gptq_tpu_model for GPTQ)", True))
     if chooses_codes(cfg.quant.method):
         problems += _check_gptq(cfg)
+    w = cfg.quant.weight
+    if cfg.quant.method.endswith("SignRound") and w.granularity == "per_channel" and w.bit == 8:
+        problems.append(Problem("quant.weight.granularity", "SignRound does not cover W8 per channel (signed codes with "
+                                "zero 0); use per_group (e.g. group_size 64), or GPTQ / RTN", "per_channel"))
     return problems
 
 

@@ -95,14 +95,30 @@ class RtnSpecial(Section):
     pass
 
 
+class SignRoundSpecial(Section):
+    """Rounding offsets and min/max shrink per group, learned by signed gradient descent on each block's output."""
+
+    iters: int = Field(200, ge=0, description="optimizer steps per block (0: TPU-MLIR's RTN codes)")
+    lr: float | None = Field(None, gt=0, description="step size; default 1 / iters")
+    lr_decay: bool = Field(True, description="step size decays linearly to 0")
+    batch_size: int = Field(8, gt=0, description="calibration samples per step")
+    min_max_tune: bool = Field(True, description="also learn the groups' min/max shrink (else rounding only)")
+    seed: int = Field(0, description="sample order; block i uses seed + i")
+
+
 class AwqGptqSpecial(AwqSpecial, GptqSpecial):
     """Awq+GPTQ: AWQ's scales and clipping on the float weights, then GPTQ's codes on the result."""
 
 
+class AwqSignRoundSpecial(AwqSpecial, SignRoundSpecial):
+    """Awq+SignRound: AWQ's scales and clipping on the float weights, then SignRound's codes on the result."""
+
+
 SPECIALS: dict[str, type[Section]] = {"RTN": RtnSpecial, "Awq": AwqSpecial, "GPTQ": GptqSpecial,
-                                      "Awq+GPTQ": AwqGptqSpecial}
+                                      "SignRound": SignRoundSpecial, "Awq+GPTQ": AwqGptqSpecial,
+                                      "Awq+SignRound": AwqSignRoundSpecial}
 # methods that choose the integer codes themselves: their handoff is a GPTQ checkpoint (gptq_tpu_model/)
-CODE_METHODS = ("GPTQ",)
+CODE_METHODS = ("GPTQ", "SignRound")
 
 
 def chooses_codes(method: str) -> bool:
@@ -111,7 +127,8 @@ def chooses_codes(method: str) -> bool:
 
 
 class QuantSection(Section):
-    method: str | list[str] = Field(description="RTN, Awq, GPTQ (any case), or the combination [Awq, GPTQ] (also 'Awq+GPTQ')")
+    method: str | list[str] = Field(description="RTN, Awq, GPTQ, SignRound (any case), or a combination: [Awq, GPTQ], "
+                                    "[Awq, SignRound] (also written 'Awq+GPTQ')")
     weight: WeightSection = Field(default_factory=WeightSection)
     special: dict[str, Any] = Field(default_factory=dict)
     quant_out: bool = False

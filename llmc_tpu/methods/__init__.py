@@ -7,8 +7,9 @@ from llmc_tpu.methods.base import Method
 from llmc_tpu.methods.gptq import GptqMethod
 from llmc_tpu.methods.rtn import RtnMethod
 from llmc_tpu.methods.sequence import MethodSequence
+from llmc_tpu.methods.signround import SignRoundMethod
 
-METHODS: dict[str, type[Method]] = {"RTN": RtnMethod, "Awq": AwqMethod, "GPTQ": GptqMethod}
+METHODS: dict[str, type[Method]] = {"RTN": RtnMethod, "Awq": AwqMethod, "GPTQ": GptqMethod, "SignRound": SignRoundMethod}
 
 
 def build_method(name: str, special: dict[str, Any]) -> Method:

@@ -18,13 +18,16 @@ from llmc_tpu.verify.checkpoint import compare_checkpoint_lowered, verify_checkp
 pytestmark = pytest.mark.tpu_mlir
 
 SEQ_LEN = 64
-CASES = {  # name -> (tiny model, quant.weight, run.tpu_dtype, run.chip[, quant.method])
+CASES = {  # name -> (tiny model, quant.weight, run.tpu_dtype, run.chip[, quant.method and special])
     "W4BF16-g64": ("llama", {}, "bf16", "bm1684x"),
     "W8BF16-g64": ("qwen2", {"bit": 8}, "bf16", "bm1684x"),
     "W8BF16-per-channel": ("qwen3", {"bit": 8, "symmetric": True, "granularity": "per_channel"}, "bf16", "bm1684x"),
     "W4F16-g64": ("llama", {}, "f16", "bm1684x"),
     "W4BF16-g32-folded": ("npu", {"group_size": 32}, "bf16", "bm1684x"),  # k/v (32 rows), gate/up (288) fold to bf16
-    "Awq+GPTQ-W4BF16-g64": ("llama", {}, "bf16", "bm1684x", ["Awq", "GPTQ"]),
+    "Awq+GPTQ-W4BF16-g64": ("llama", {}, "bf16", "bm1684x", {"method": ["Awq", "GPTQ"]}),
+    "SignRound-W4BF16-g64": ("llama", {}, "bf16", "bm1684x", {"method": "SignRound", "special": {"iters": 20}}),
+    "Awq+SignRound-W8BF16-g64": ("qwen2", {"bit": 8}, "bf16", "bm1684x",
+                                 {"method": ["Awq", "SignRound"], "special": {"iters": 20}}),
 }
 
 
@@ -36,12 +39,13 @@ def checkpoints(tiny_model, eval_txt, tmp_path_factory):
     def get(case: str):
         if case not in done:
             model, weight, tpu_dtype, chip, *method = CASES[case]
+            method = method[0] if method else {"method": "GPTQ"}
             save = tmp_path_factory.mktemp(case) / "out"
             cfg = parse_config({
                 "model": {"path": str(tiny_model(model)), "torch_dtype": "float32"},
                 "calib": {"name": "custom_txt", "path": str(eval_txt), "n_samples": 8, "seq_len": 32},
                 "eval": {"eval_pos": []},
-                "quant": {"method": method[0] if method else "GPTQ", "weight": weight, "quant_out": True},
+                "quant": {**method, "weight": weight, "quant_out": True},
                 "save": {"save_path": str(save)},
                 "run": {"tpu_dtype": tpu_dtype, "chip": chip},
             })
