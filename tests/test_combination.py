@@ -34,7 +34,7 @@ def test_combination_errors_name_the_allowed_values():
     msg = str(info.value)
     assert "quant.special.percdmp" in msg and "did you mean 'percdamp'" in msg and "trans_version" in msg
     with pytest.raises(ConfigError, match="static_groups: True"):
-        parse_config({**BASE, "quant": {"method": ["Awq", "GPTQ"], "special": {"actorder": True}}})
+        parse_config({**BASE, "quant": {"method": ["Awq", "GPTQ"], "special": {"actorder": True, "static_groups": False}}})
 
 
 def test_awq_then_gptq_end_to_end(tmp_path, eval_txt):

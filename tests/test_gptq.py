@@ -200,10 +200,13 @@ def gptq_config(model: Path, calib: Path, save: Path, **quant) -> dict:
 def test_config_refuses_what_the_checkpoint_cannot_carry():
     base = {"model": {"path": "m"}, "save": {"save_path": "s"}}
     with pytest.raises(ConfigError) as info:
-        parse_config({**base, "quant": {"method": "GPTQ", "special": {"actorder": True}}})
+        parse_config({**base, "quant": {"method": "GPTQ", "special": {"actorder": True, "static_groups": False}}})
     msg = str(info.value)
     assert "quant.special.actorder" in msg and "static_groups: True" in msg
-    parse_config({**base, "quant": {"method": "GPTQ", "special": {"actorder": True, "static_groups": True}}})
+    special = parse_config({**base, "quant": {"method": "GPTQ"}}).quant.special
+    assert special["actorder"] is True and special["static_groups"] is True  # the default: act-order, static groups
+    special = parse_config({**base, "quant": {"method": "GPTQ", "special": {"static_groups": False}}}).quant.special
+    assert special["actorder"] is False  # dynamic groups asked for: the natural order
     parse_config({**base, "quant": {"method": "GPTQ", "special": {"actorder": True},
                                     "weight": {"bit": 8, "symmetric": True, "granularity": "per_channel"}}})
     with pytest.raises(ConfigError, match="save.save_trans.*gptq_tpu_model"):

@@ -126,7 +126,11 @@ def _fields_at(model: type[BaseModel], loc: list[str]) -> list[str]:
 def _check_special(cfg: RunConfig) -> list[Problem]:
     special_model = SPECIALS[cfg.quant.method]
     try:
-        cfg.quant.special = special_model.model_validate(cfg.quant.special or {}).model_dump()
+        special = special_model.model_validate(cfg.quant.special or {})
+        if "actorder" in special_model.model_fields and "actorder" not in special.model_fields_set \
+                and not special.static_groups:  # dynamic groups asked for: the natural order (act-order needs static)
+            special.actorder = False
+        cfg.quant.special = special.model_dump()
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
