@@ -160,11 +160,12 @@ def run_reference(ref, loaded: LoadedModel, samples: torch.Tensor, fmt: TpuWeigh
     fed = torch.unique(torch.cat(seen_ids), dim=0)
     if not torch.equal(fed, torch.unique(samples, dim=0)):
         raise RuntimeError("llm-compressor was not fed exactly our calibration windows")
-    qparams = {n: (m.weight_scale.detach().clone(), m.weight_zero_point.detach().clone())
+    # on a GPU, oneshot leaves modules on the device: everything is compared and kept on the CPU
+    qparams = {n: (m.weight_scale.detach().cpu().clone(), m.weight_zero_point.detach().cpu().clone())
                for n, m in model.named_modules() if hasattr(m, "weight_scale")}
-    observer_match = all(torch.equal(qparams[n][0], observer_qparams(ref, model.get_submodule(n).weight.data, fmt)[0])
+    observer_match = all(torch.equal(qparams[n][0], observer_qparams(ref, model.get_submodule(n).weight.data.cpu(), fmt)[0])
                          for n in qparams)
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k in names}
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
     details = {"awq_kwargs": {"n_grid": n_grid, **awq_kwargs}, "batch_size": batch_size, "pipeline": "sequential",
                "weight_observer": "memoryless_minmax (default)", "quantized_linears": len(qparams),
                "stored_scales_equal_observer_on_float_weights": observer_match,
