@@ -68,11 +68,13 @@ class TpuWeightFormat:
 
 
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
-    """C's ``std::round``: ties go away from zero (``torch.round`` sends them to even)."""
-    r = torch.round(x)
-    frac = x - torch.trunc(x)
-    ties = frac.abs() == 0.5
-    return torch.where(ties, torch.trunc(x) + torch.sign(x), r)
+    """C's ``std::round``: ties go away from zero (``torch.round`` sends them to even).
+
+    ``trunc(x)`` plus ``sign(x)`` where the dropped fraction is at least 1/2; ``x - trunc(x)`` is exact in
+    floating point, so this is exact for every value (no ``x + 0.5``, which rounds for some ``x`` below 1/2).
+    """
+    t = torch.trunc(x)
+    return t.add_(torch.sign(x).mul_((x - t).abs_() >= 0.5))
 
 
 @dataclass
@@ -112,15 +114,16 @@ class TpuQuantizedWeight:
         """float32 [N, K]: exactly what the TPU multiplies with."""
         parts = []
         if self.n_quantized:
-            g = self.group_size
-            s = self.stored_scale.float().repeat_interleave(g, dim=1)
-            z = self.zero.float().repeat_interleave(g, dim=1)
+            n, k = self.codes.shape
+            groups = self.scale.shape[1]
+            s = self.stored_scale.float()[..., None]  # broadcast over each group's columns (no repeated copy)
+            z = self.zero.float()[..., None]
             codes = self.codes
             if self.folded:
                 # TPU-MLIR 1.30.2 folds the stored byte back as unsigned: a signed W8 code
                 # -3 becomes 253 (a compiler bug; only W8 per channel has signed codes)
                 codes = codes & 0xFF
-            w = (codes.float() - z) * s
+            w = ((codes.float().view(n, groups, k // groups) - z) * s).view(n, k)
             if self.folded:
                 w = w.to(self.fmt.torch_scale_dtype).float()
             parts.append(w)
@@ -171,12 +174,11 @@ def quantize_codes(
 ) -> torch.Tensor:
     """``clamp(round(w / s) + z)`` per group, int16 ``[N, K]``."""
     n, k = w.shape
-    g = k // scale.shape[1]
-    s = scale.repeat_interleave(g, dim=1)
-    z = zero.float().repeat_interleave(g, dim=1)
-    q = round_half_away(w.float() / s) + z
+    groups = scale.shape[1]
+    # the same division per weight as with the scales repeated per column, broadcast instead of copied
+    q = round_half_away(w.float().view(n, groups, k // groups) / scale[..., None]) + zero.float()[..., None]
     lo, hi = (-128, 127) if signed else (0, fmt.qmax)
-    return q.clamp(lo, hi).to(torch.int16)
+    return q.clamp_(lo, hi).to(torch.int16).view(n, k)
 
 
 def quantize_weight(w: torch.Tensor, fmt: TpuWeightFormat) -> TpuQuantizedWeight:
