@@ -19,6 +19,7 @@ from llmc_tpu.config.schema import RunConfig, chooses_codes
 from llmc_tpu.data.text import DataError, eval_text
 from llmc_tpu.engine.blockwise import BlockInput, blocks_of, capture_block_inputs, run_block
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
+from llmc_tpu.engine.microbatch import micro_batch_size
 from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
 from llmc_tpu.export.formats import EXPORTS, export_options, write_exports
 from llmc_tpu.export.gptq_checkpoint import FOLDER as GPTQ_FOLDER
@@ -231,6 +232,11 @@ class Quantizer:
                 batches, info = vlm_quant.calibration_batches(self.cfg.calib, loaded.processor)
             else:
                 batches, info = calibration_batches(self.cfg.calib, loaded.tokenizer)
+                if self.cfg.calib.bs == -1:  # "one batch": split only where one batch would not fit the device
+                    samples = torch.cat(batches)
+                    size = micro_batch_size(samples.shape[0], samples.shape[1], loaded.model.config, self.device)
+                    batches = [samples[i:i + size] for i in range(0, samples.shape[0], size)]
+                    info["micro_batch"] = size
             self.report.data["calib"] = info
             return capture_block_inputs(loaded.model, loaded.spec, batches, store_device=self.device)
 

@@ -40,6 +40,15 @@ def weight(n: int = 128, k: int = 256, seed: int = 1) -> torch.Tensor:
     return torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
 
 
+def test_hessian_does_not_depend_on_the_batching():
+    x = correlated_inputs(64, tokens=12 * 50).view(12, 50, 64)
+    whole, parts = Hessian(64), Hessian(64)
+    whole.add(x)
+    for i in (0, 5, 6, 11):  # batches of 5, 1, 5 and 1 sequences, in order
+        parts.add(x[i:i + (5 if i in (0, 6) else 1)])
+    assert whole.n == parts.n == 600 and torch.equal(whole.h, parts.h)
+
+
 def test_hessian_is_the_running_average_of_2_x_xT():
     x = correlated_inputs(64, tokens=300)
     h = Hessian(64)

@@ -64,34 +64,44 @@ def clip_outlier_tokens(x: torch.Tensor, token_clip: float) -> torch.Tensor:
 
 
 class Hessian:
-    """Running ``H = 2/n sum x x^T`` over every row of every batch added (float32).
+    """``H = 2/n sum x x^T`` over every row of every batch added (float32).
 
+    The sum is accumulated one sequence at a time, in the order the sequences come, and scaled only when
+    ``h`` is read: the same sequences give the same ``H`` bit for bit however they were split into batches
+    (GPTQ's column loop turns any difference in ``H``, even in the last bit, into different codes).
     ``token_clip``: see ``clip_outlier_tokens`` (0 keeps every token as it is).
     """
 
     def __init__(self, k: int, device: torch.device | str = "cpu", token_clip: float = 0.0) -> None:
-        self.h = torch.zeros(k, k, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(k, k, dtype=torch.float32, device=device)
         self.n = 0
         self.token_clip = token_clip
+        self._h: torch.Tensor | None = None
+
+    @property
+    def h(self) -> torch.Tensor:
+        if self._h is None:
+            self._h = self.sum * (2 / self.n) if self.n else torch.zeros_like(self.sum)
+        return self._h
 
     def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs ``[..., K]`` (``[batch, seq, K]`` for the per-sequence token clip)."""
-        x = clip_outlier_tokens(x.to(self.h.device), self.token_clip)
-        x = x.reshape(-1, x.shape[-1])
-        m = x.shape[0]
-        if m == 0:
+        """Add a batch of inputs ``[..., K]`` (``[batch, seq, K]``: per sequence, for the token clip and the order)."""
+        x = clip_outlier_tokens(x.to(self.sum.device), self.token_clip)
+        seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
+        if seqs.numel() == 0:
             return
         # bf16/f16 values are exact in TF32, so on CUDA the fp32 product may use TF32 tensor cores unchanged
         # (a clipped batch is float32 already and keeps full fp32 precision)
-        exact_tf32 = x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda
+        exact_tf32 = seqs.dtype in (torch.bfloat16, torch.float16) and seqs.is_cuda
         old = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = old or exact_tf32
         try:
-            x = x.float()
-            self.h.addmm_(x.T, x, beta=self.n / (self.n + m), alpha=2 / (self.n + m))
+            for seq in seqs.float():
+                self.sum.addmm_(seq.T, seq)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
-        self.n += m
+        self.n += seqs.shape[0] * seqs.shape[1]
+        self._h = None
 
 
 def storable_scale(scale: torch.Tensor, fmt: TpuWeightFormat) -> torch.Tensor:

@@ -1,0 +1,50 @@
+"""How many calibration samples one block forward may take at once, from the device's free memory.
+
+``calib.bs: -1`` asks for every sample in one batch. That is what small models get; a large model's block
+over 128 x 2048 tokens materializes gigabytes of attention and MLP intermediates, so the samples are then
+split into micro-batches that fit. The statistics the methods collect (GPTQ's Hessians, AWQ's losses,
+SignRound's samples) are accumulated over batches, so the split does not change what they compute.
+An explicit ``calib.bs`` is always used as given.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+BUDGET_SHARE = 0.25  # of the free memory, for one micro-batch's intermediates (the rest: weights, stored inputs)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory of the device: CUDA's own count, else the host's available memory (Linux)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def bytes_per_token(config: Any, seq_len: int, dtype_bytes: int = 4) -> int:
+    """A generous estimate of one token's intermediates in one decoder block's forward: the residual stream
+    and norms, q/k/v/o, the MLP's gate/up/act products, and a row of attention scores per head."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 4096)
+    inter = int(getattr(config, "intermediate_size", 0) or getattr(config, "ffn_dim", 0) or 4 * hidden)
+    heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 32)
+    return dtype_bytes * (12 * hidden + 4 * inter + 2 * heads * seq_len)
+
+
+def micro_batch_size(n_samples: int, seq_len: int, config: Any, device: torch.device, dtype_bytes: int = 4,
+                     free: int | None = None) -> int:
+    """Samples per block forward: all of them when they fit in ``BUDGET_SHARE`` of the free memory, else fewer."""
+    budget = BUDGET_SHARE * (free_bytes(device) if free is None else free)
+    per_sample = bytes_per_token(config, seq_len, dtype_bytes) * seq_len
+    return max(1, min(n_samples, int(budget // per_sample)))

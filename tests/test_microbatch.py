@@ -1,0 +1,49 @@
+"""calib.bs -1 on a device too small for one batch: micro-batches, and the same result as one batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, LlamaConfig
+
+from llmc_tpu.config import parse_config
+from llmc_tpu.engine import microbatch
+from llmc_tpu.pipeline import Quantizer
+
+
+def test_micro_batch_size_follows_the_free_memory():
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32)
+    per_sample = microbatch.bytes_per_token(cfg, 2048) * 2048
+    assert 1.5 * 2**30 < per_sample < 2 * 2**30  # a Llama-2-7B block over 2048 tokens in fp32: ~1.7 GiB
+    cpu = torch.device("cpu")
+    assert microbatch.micro_batch_size(128, 2048, cfg, cpu, free=80 * 2**30) == int(0.25 * 80 * 2**30 // per_sample)
+    assert microbatch.micro_batch_size(128, 2048, cfg, cpu, free=1) == 1  # never 0
+    assert microbatch.micro_batch_size(4, 2048, cfg, cpu, free=2**50) == 4  # never more than the samples
+    assert microbatch.free_bytes(cpu) > 0
+
+
+@pytest.mark.parametrize("method", ["GPTQ", "Awq"])
+def test_micro_batches_give_the_one_batch_result(method, tiny_llama, eval_txt, tmp_path, monkeypatch):
+    def run(name: str) -> tuple[dict, dict, object]:
+        save = tmp_path / name
+        cfg = parse_config({
+            "model": {"path": str(tiny_llama), "torch_dtype": "float32"},
+            "calib": {"name": "custom_txt", "path": str(eval_txt), "n_samples": 8, "seq_len": 64},
+            "eval": {"eval_pos": []},
+            "quant": {"method": method, "quant_out": True},
+            "save": {"save_path": str(save), "save_fake": True},
+        })
+        report = Quantizer(cfg, progress=False).run()
+        return json.loads((save / "report.json").read_text())["data"]["calib"], load_file(
+            save / "fake_quant_model" / "model.safetensors"), report
+
+    one, one_weights, _ = run("one")
+    per_sample = microbatch.bytes_per_token(AutoConfig.from_pretrained(tiny_llama), 64) * 64
+    monkeypatch.setattr(microbatch, "free_bytes", lambda device: int(3 * per_sample / microbatch.BUDGET_SHARE))
+    split, split_weights, _ = run("split")
+    assert one["micro_batch"] == 8 and split["micro_batch"] == 3  # 8 samples as 3 + 3 + 2
+    for name, w in one_weights.items():  # bit for bit: the statistics do not depend on how samples are batched
+        assert torch.equal(split_weights[name], w), name
