@@ -191,28 +191,37 @@ class Quantizer:
         inputs = self._calibration_inputs(loaded) if method.needs_calibration else None
         results: QuantResults = {}
         blocks = blocks_of(model, spec)
+        split = _Timer()  # where the quantize stage's time goes, summed over the blocks (report: timings_s)
         for i, block in enumerate(self._bar(blocks, desc=f"{method.name} blocks", unit="block")):
             prefix = f"{spec.blocks}.{i}"
             if i < self.ckpt.done_blocks:  # finished before an interruption: restore, only recompute its outputs
                 block_results = self.ckpt.restore_block(i, block)
                 block.to(self.device)
             else:
-                block.to(self.device)
+                with split("transfer"):
+                    block.to(self.device)
                 ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs, head_dim=_head_dim(model.config),
                                    config=model.config)
-                method.process_block(ctx)
+                with split("method"):
+                    method.process_block(ctx)
                 check_finite_weights(block, spec, prefix, method.name)
-                block_results = quantize_block(block, spec, self.fmt, prefix, ctx.results)
-                self.ckpt.save_block(i, block, block_results, {"block": i, **ctx.report} if ctx.report else {})
+                with split("tpu rtn"):
+                    block_results = quantize_block(block, spec, self.fmt, prefix, ctx.results)
+                with split("checkpoint"):
+                    self.ckpt.save_block(i, block, block_results, {"block": i, **ctx.report} if ctx.report else {})
             results.update(block_results)
             if inputs is not None and i + 1 < len(blocks):
-                if self.cfg.quant.quant_out:
-                    with fake_quantized(block, block_results, prefix):
+                with split("next block inputs"):
+                    if self.cfg.quant.quant_out:
+                        with fake_quantized(block, block_results, prefix):
+                            inputs = run_block(block, inputs, self.device)
+                    else:
                         inputs = run_block(block, inputs, self.device)
-                else:
-                    inputs = run_block(block, inputs, self.device)
                 check_finite_outputs(inputs, prefix)
-            block.to("cpu")
+            with split("transfer"):
+                block.to("cpu")
+        for name, seconds in split.times.items():
+            self.timer.times[f"quantize: {name}"] = seconds
         per_block = [r for r in self.ckpt.state["block_reports"] if r]
         self.report.method = {"name": method.name, "special": self.cfg.quant.special, "blocks": per_block,
                               "calibration": "none (RTN needs no data)" if inputs is None else "see data.calib",
