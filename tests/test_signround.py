@@ -10,9 +10,10 @@ from torch.func import functional_call
 from llmc_tpu.algorithms.gptq import handoff_grid
 from llmc_tpu.algorithms.signround import fake_quantize, final_result, init_params
 from llmc_tpu.engine.blockwise import BlockInput
+from llmc_tpu.engine.samples import CalibrationSamples
 from llmc_tpu.fake_quant import handoff_weight
 from llmc_tpu.methods.base import BlockContext
-from llmc_tpu.methods.signround import SignRoundMethod, _Samples
+from llmc_tpu.methods.signround import SignRoundMethod
 from llmc_tpu.models.registry import find_spec
 from llmc_tpu.tpu.rtn import TpuWeightFormat, quantize_codes, quantize_weight
 
@@ -207,7 +208,7 @@ def test_samples_of_several_batches_run_as_one_call():
                                                                 "use_cache": False, "cache_position": torch.arange(4)})
 
     inputs = [batch(3, 0), batch(1, 1), batch(2, 2)]
-    samples = _Samples(inputs, torch.device("cpu"))
+    samples = CalibrationSamples(inputs, torch.device("cpu"))
     samples.targets = [inp.hidden * 2 for inp in inputs]
     assert samples.mergeable and len(samples) == 6
     (hidden, args, kwargs, target), = samples.calls([5, 0, 3, 2])  # batch 2 #1, batch 0 #0 and #2, batch 1 #0
@@ -218,7 +219,7 @@ def test_samples_of_several_batches_run_as_one_call():
     assert kwargs["position_embeddings"][0].shape == (1, 4, 8) and torch.equal(kwargs["cache_position"], torch.arange(4))
     assert kwargs["use_cache"] is False
     # a batch without a mask cannot share a call with batches that have one: one call per batch
-    mixed = _Samples([batch(2, 0), batch(2, 1, mask=False)], torch.device("cpu"))
+    mixed = CalibrationSamples([batch(2, 0), batch(2, 1, mask=False)], torch.device("cpu"))
     mixed.targets = [torch.zeros(2, 4, 8)] * 2
     assert not mixed.mergeable
     calls = mixed.calls([0, 3])

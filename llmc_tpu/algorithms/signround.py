@@ -75,46 +75,73 @@ def _ste(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return value.detach() + (x - x.detach())
 
 
-def _stored(scale: torch.Tensor, fmt: TpuWeightFormat) -> torch.Tensor:
-    """``storable_scale`` without its checks (float32)."""
-    stored = scale.to(fmt.torch_scale_dtype)
-    if fmt.scale_dtype == "bfloat16":
-        stored = stored.to(torch.float16).to(torch.bfloat16)
-    return stored.float()
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``_ste(x, round_half_away(x))`` bit for bit, in 5 elementwise ops instead of 9.
+
+    ``trunc(x) + trunc(2 (x - trunc(x)))``: the fraction ``x - trunc(x)`` and its double are exact, so this is
+    ``round_half_away(x)`` for every finite ``x`` but ``-0`` (which gives ``+0``); the STE's ``+ (x - x)`` makes
+    both ``+0``, and both NaN where ``x`` is infinite (checked on every finite float32)."""
+    xd = x.detach()
+    t = torch.trunc(xd)
+    return (t + torch.trunc((xd - t) * 2)) + (x - xd)
 
 
-def _grid(groups: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, fmt: TpuWeightFormat, exact: bool,
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per (row, group) of ``groups [N, G, g]``: the fp32 scale the codes are computed with, the zero point
-    (float), the scale the TPU multiplies with, and which groups were moved off zero point 0.
+def _constants(fmt: TpuWeightFormat, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``qmax``, the asymmetric scale floor and ``qmax - 1`` as float32 tensors on ``device``: a division by a
+    tensor is a true division on every device (CUDA multiplies by the reciprocal of a Python scalar)."""
+    return (torch.tensor(float(fmt.qmax), device=device), torch.tensor(_ASYM_SCALE_FLOOR, device=device),
+            torch.tensor(fmt.qmax - 1.0, device=device))
+
+
+def _stats(groups: torch.Tensor, fmt: TpuWeightFormat) -> tuple[torch.Tensor, ...]:
+    """What the grid needs of ``groups [..., g]``: ``(absmax,)`` (symmetric) or ``(min, max)``, per group."""
+    if _symmetric(fmt):
+        return (groups.abs().amax(dim=-1),)
+    return groups.amin(dim=-1), groups.amax(dim=-1)
+
+
+def _grid_of(stats: tuple[torch.Tensor, ...], alpha: torch.Tensor, beta: torch.Tensor, fmt: TpuWeightFormat,
+             exact: bool, consts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per group (``stats`` of ``_stats``): the fp32 scale the codes are computed with, the zero point (float),
+    the scale the TPU multiplies with, and which groups were moved off zero point 0.
 
     ``exact``: the final grid (``storable_scale``'s checks, no graph); else differentiable (STE)."""
     qmax = fmt.qmax
-    qmax_t = torch.tensor(float(qmax), device=groups.device)
+    qmax_t, floor_t, qmax1_t = consts
     if _symmetric(fmt):
-        absmax = beta * groups.abs().amax(dim=2)
+        absmax = beta * stats[0]
         scale = 2 * absmax / qmax_t
         zero = torch.full_like(scale, float(1 << (fmt.bits - 1)))
         no_zero = torch.zeros_like(scale, dtype=torch.bool)
     else:
-        mn = alpha * groups.amin(dim=2)
-        mx = beta * groups.amax(dim=2)
-        scale = torch.maximum(mx - mn, torch.tensor(_ASYM_SCALE_FLOOR, device=groups.device)) / qmax_t
+        mn = alpha * stats[0]
+        mx = beta * stats[1]
+        scale = torch.maximum(mx - mn, floor_t) / qmax_t
         ratio = mn / scale
-        r = round_half_away(ratio.detach())
-        zero = -(r if exact else _ste(ratio, r))
+        zero = -(round_half_away(ratio.detach()) if exact else _round_ste(ratio))
         zero = zero.clamp(0, qmax)
         no_zero = zero.detach() == 0
-        fixed = torch.maximum(mx / torch.tensor(qmax - 1.0, device=mx.device), scale)
+        fixed = torch.maximum(mx / qmax1_t, scale)
         scale = torch.where(no_zero, fixed, scale)
-        zero = torch.where(no_zero, torch.ones_like(zero), zero)
+        zero = torch.where(no_zero, 1.0, zero)
     if exact:
         eff = storable_scale(scale, fmt)
+        keep = scale.to(fmt.torch_scale_dtype).float() == eff
     else:
-        eff = _ste(scale, _stored(scale.detach(), fmt))
-    keep = scale.detach().to(fmt.torch_scale_dtype).float() == eff.detach()
+        # storable_scale's value without its checks; its first cast is ``keep``'s too
+        low = scale.detach().to(fmt.torch_scale_dtype)
+        stored = low.to(torch.float16).to(torch.bfloat16) if fmt.scale_dtype == "bfloat16" else low
+        eff = _ste(scale, stored.float())
+        keep = low.float() == eff.detach()
     scale = torch.where(keep, scale, eff)
     return scale, zero, eff, no_zero
+
+
+def _grid(groups: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, fmt: TpuWeightFormat, exact: bool,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_grid_of`` for ``groups [N, G, g]``."""
+    return _grid_of(_stats(groups, fmt), alpha, beta, fmt, exact, _constants(fmt, groups.device))
 
 
 def _groups(w: torch.Tensor, fmt: TpuWeightFormat) -> torch.Tensor:
@@ -124,22 +151,58 @@ def _groups(w: torch.Tensor, fmt: TpuWeightFormat) -> torch.Tensor:
     return w.float().reshape(n, k // g, g)
 
 
+class GroupedFakeQuant:
+    """``fake_quantize`` of several weights of one group size at once: their groups stacked as one ``[T, g]``.
+
+    What does not depend on the parameters is computed once: the float32 groups, their min/max (absmax),
+    the device constants. A call runs only the parameter-dependent elementwise ops, for all the weights in
+    one go. The parameters are stacked the same way: ``v [T, g]``, ``alpha``/``beta`` ``[T]``; weight ``i``
+    owns the rows ``offsets[i]:offsets[i + 1]`` (its ``v [N, K]``, ``alpha [N, K // g]`` flattened)."""
+
+    def __init__(self, weights: list[torch.Tensor], fmt: TpuWeightFormat, folded: list[bool] | None = None) -> None:
+        grouped = [_groups(w.detach(), fmt) for w in weights]
+        if len({x.shape[2] for x in grouped}) != 1:
+            raise ValueError("GroupedFakeQuant: the weights differ in group size")
+        self.fmt = fmt
+        self.g = grouped[0].shape[2]
+        self.shapes = [tuple(w.shape) for w in weights]
+        self.rows = [x.shape[0] * x.shape[1] for x in grouped]
+        self.offsets = [0]
+        for r in self.rows:
+            self.offsets.append(self.offsets[-1] + r)
+        self.folded = list(folded) if folded is not None else [False] * len(weights)
+        flat = [x.reshape(-1, self.g) for x in grouped]
+        self.groups = flat[0] if len(flat) == 1 else torch.cat(flat)
+        self.stats = _stats(self.groups, fmt)
+        self.consts = _constants(fmt, self.groups.device)
+
+    @property
+    def n_groups(self) -> int:
+        return self.groups.shape[0]
+
+    def __call__(self, v: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> list[torch.Tensor]:
+        """float32 ``[N, K]`` per weight (views of one tensor): what the TPU multiplies with."""
+        fmt = self.fmt
+        scale, zero, eff, _ = _grid_of(self.stats, alpha, beta, fmt, False, self.consts)
+        if _symmetric(fmt):  # an all-zero group: 0 / 0 (asymmetric scales are >= 1e-5 / qmax)
+            scale = torch.where(scale.detach() > 0, scale, 1.0)
+        zero = zero.unsqueeze(1)
+        x = self.groups / scale.unsqueeze(1) + v
+        q = (_round_ste(x) + zero).clamp(0, fmt.qmax)
+        out = (q - zero) * eff.unsqueeze(1)
+        outs = [out.view(self.shapes[0])] if len(self.rows) == 1 else [o.view(s) for o, s in zip(out.split(self.rows), self.shapes)]
+        # a Linear the compiler folds back to a float weight: a straight-through cast to the scale dtype
+        return [_ste(o, o.detach().to(fmt.torch_scale_dtype).float()) if f else o for o, f in zip(outs, self.folded)]
+
+
 def fake_quantize(w: torch.Tensor, v: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor, fmt: TpuWeightFormat,
                   folded: bool = False) -> torch.Tensor:
     """float32 ``[N, K]``: what the TPU multiplies with, differentiable in ``v``, ``alpha``, ``beta``.
 
     ``w`` is the float weight as handed to TPU-MLIR (no gradient). ``folded``: the Linear is folded back to a
     float weight in the scale dtype (``TpuQuantizedWeight.folded``), applied with a straight-through cast."""
-    groups = _groups(w.detach(), fmt)
-    n, n_groups, g = groups.shape
-    scale, zero, eff, _ = _grid(groups, alpha, beta, fmt, exact=False)
-    scale = torch.where(scale.detach() > 0, scale, torch.ones_like(scale))  # an all-zero symmetric group: 0 / 0
-    x = groups / scale.unsqueeze(2) + v.reshape(n, n_groups, g)
-    q = (_ste(x, round_half_away(x.detach())) + zero.unsqueeze(2)).clamp(0, fmt.qmax)
-    out = ((q - zero.unsqueeze(2)) * eff.unsqueeze(2)).reshape(n, n_groups * g)
-    if folded:
-        out = _ste(out, out.detach().to(fmt.torch_scale_dtype).float())
-    return out
+    fq = GroupedFakeQuant([w], fmt, [folded])
+    return fq(v.reshape(fq.n_groups, fq.g), alpha.reshape(-1), beta.reshape(-1))[0]
 
 
 @torch.no_grad()

@@ -11,8 +11,14 @@ best step's parameters, the last ones and RTN are scored on every calibration sa
 integer weights, and the lowest loss wins (never worse than RTN on the calibration data).
 
 The integer result of every Linear goes to ``ctx.results`` (the pipeline fake-quantizes with it and a GPTQ
-checkpoint carries it to TPU-MLIR); the block's float weights are left as they were (the block runs
-through ``torch.func.functional_call`` on float32 copies of its tensors, never modified).
+checkpoint carries it to TPU-MLIR); the block's float weights are left as they were (the block runs on
+float32 copies of its tensors, put in place of its own while it runs, as ``functional_call`` does).
+
+A step is kept cheap (the GPU is launch-bound at these sizes): everything it needs is on the device before
+the loop (all hidden states, targets and per-sample arguments, indexed with one ``index_select`` each; every
+step's sample indices and RTN loss), the fake-quantizer stacks all Linears of a group size into one set of
+elementwise ops on precomputed groups and min/max, the parameters are one flat tensor (one update), the best
+step is tracked on the device, and nothing in the loop waits for the device.
 
 ``special`` keys: ``iters`` (200), ``lr`` (None: 1 / iters), ``lr_decay`` (True: linear to 0 over the
 iterations), ``batch_size`` (8 calibration samples per step), ``min_max_tune`` (True: train alpha/beta;
@@ -24,24 +30,23 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
 from itertools import chain
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from llmc_tpu.algorithms.gptq import GptqResult
 from llmc_tpu.algorithms.signround import (
     SHRINK_RANGE,
     V_RANGE,
+    GroupedFakeQuant,
     check_format,
-    fake_quantize,
     final_result,
+    group_size,
     init_params,
 )
-from llmc_tpu.engine.blockwise import BlockInput, move
+from llmc_tpu.engine.samples import CalibrationSamples
 from llmc_tpu.fake_quant import handoff_weight
 from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.methods.gptq import _to_cpu
@@ -52,149 +57,101 @@ log = logging.getLogger("llmc_tpu")
 DEFAULTS: dict[str, Any] = {"iters": 200, "lr": None, "lr_decay": True, "batch_size": 8, "min_max_tune": True, "seed": 0}
 
 
-# -- calibration samples -------------------------------------------------------------------------
-class _NotMergeable(Exception):
-    pass
+class _Swapped:
+    """The block running on other tensors than its own (what ``functional_call`` does for one call, here for
+    as many calls as the ``with`` lasts): ``set(tensors)`` (names as ``named_parameters``/``named_buffers`` give
+    them) puts them in place of the block's, tied names included; leaving the ``with`` puts its own back."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.slots: dict[str, list[tuple[dict, str]]] = {}  # name -> every (module dict, key) holding that tensor
+        first: dict[int, str] = {}
+        for name, t in chain(block.named_parameters(remove_duplicate=False), block.named_buffers(remove_duplicate=False)):
+            prefix, _, key = name.rpartition(".")
+            mod = block.get_submodule(prefix)
+            self.slots.setdefault(first.setdefault(id(t), name), []).append(
+                (mod._parameters if key in mod._parameters else mod._buffers, key))
+        self.saved: list[tuple[dict, str, Any]] = []
+
+    def __enter__(self) -> _Swapped:
+        self.saved = [(d, key, d[key]) for places in self.slots.values() for d, key in places]
+        return self
+
+    def set(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            for d, key in self.slots[name]:
+                d[key] = t
+
+    def __exit__(self, *exc: Any) -> None:
+        for d, key, orig in reversed(self.saved):
+            d[key] = orig
+        self.saved = []
 
 
-def _select(v: Any, bs: int, idx: torch.Tensor) -> Any:
-    """Samples ``idx`` of an argument of a batch of ``bs`` samples: tensors (2-D or more) with leading dim
-    ``bs`` are per sample, ``bs * m`` (3-D or more) per sample in blocks of m (ALiBi's ``[bs * heads, ...]``);
-    everything else (leading dim 1, cache positions, flags) is shared by the samples and kept."""
-    if isinstance(v, torch.Tensor) and v.dim() >= 2:
-        if v.shape[0] == bs:
-            return v[idx.to(v.device)]
-        if v.dim() >= 3 and v.shape[0] % bs == 0:
-            m = v.shape[0] // bs
-            return v.reshape(bs, m, *v.shape[1:])[idx.to(v.device)].reshape(-1, *v.shape[1:])
-        return v
-    if isinstance(v, dict):
-        return {k: _select(a, bs, idx) for k, a in v.items()}
-    if isinstance(v, (tuple, list)):
-        return type(v)(_select(a, bs, idx) for a in v)
-    return v
+def _forward(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(hidden, *args, **kwargs)
+    return (out[0] if isinstance(out, (tuple, list)) else out).float()
 
 
-def _merge(vals: list[Any], sizes: list[int]) -> Any:
-    """One argument for the concatenated samples of several batches' selections (``sizes[i]`` samples each)."""
-    first = vals[0]
-    if isinstance(first, torch.Tensor):
-        if not all(isinstance(v, torch.Tensor) and v.dim() == first.dim() and v.dtype == first.dtype for v in vals):
-            raise _NotMergeable
-        if (first.dim() < 2 or first.shape[0] == 1) and all(v.shape == first.shape and torch.equal(v, first)
-                                                             for v in vals[1:]):
-            return first  # shared by every sample
-        if first.dim() < 2:
-            raise _NotMergeable
-        parts, blocks = [], set()
-        for v, k in zip(vals, sizes):
-            if v.shape[0] == 1 and k > 1:  # broadcast over this batch: one copy per sample
-                v = v.expand(k, *v.shape[1:])
-            if v.shape[0] % k:
-                raise _NotMergeable
-            blocks.add(v.shape[0] // k)
-            parts.append(v)
-        if len(blocks) > 1 or len({v.shape[1:] for v in parts}) > 1:
-            raise _NotMergeable
-        return torch.cat(parts)
-    if isinstance(first, dict):
-        if not all(isinstance(v, dict) and v.keys() == first.keys() for v in vals):
-            raise _NotMergeable
-        return {k: _merge([v[k] for v in vals], sizes) for k in first}
-    if isinstance(first, (tuple, list)):
-        if not all(type(v) is type(first) and len(v) == len(first) for v in vals):
-            raise _NotMergeable
-        return type(first)(_merge([v[i] for v in vals], sizes) for i in range(len(first)))
-    for v in vals[1:]:
-        try:
-            same = v is first or bool(v == first)
-        except Exception as e:  # an object without a usable ==
-            raise _NotMergeable from e
-        if not same:
-            raise _NotMergeable
-    return first
+class _Params:
+    """The trained parameters of every quantized Linear of a block as one flat float32 tensor, and the
+    fake-quantizers (one per group size, ``GroupedFakeQuant``) that turn it into the Linears' weights.
 
+    Layout: the rounding offsets ``v`` of every group-size bucket, then per bucket its trained shrink factors
+    (``alpha`` unless symmetric, ``beta``; with ``min_max_tune`` only). An untrained factor is 1. One update
+    of every parameter is then one ``sign``, one ``sub_`` and two ``clamp_``."""
 
-def _float32(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.float() if obj.is_floating_point() else obj
-    if isinstance(obj, dict):
-        return {k: _float32(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_float32(v) for v in obj)
-    return obj
+    def __init__(self, weights: dict[str, torch.Tensor], folded: dict[str, bool], fmt: Any, min_max_tune: bool) -> None:
+        by_g: dict[int, list[str]] = {}
+        for n, w in weights.items():
+            by_g.setdefault(group_size(fmt, w.shape[1]), []).append(n)
+        self.buckets = [(ns, GroupedFakeQuant([weights[n] for n in ns], fmt, [folded[n] for n in ns]))
+                        for ns in by_g.values()]
+        tune_alpha = min_max_tune and not (fmt.symmetric and not fmt.per_channel)  # symmetric: alpha has no effect
+        self.sizes = [fq.n_groups * fq.g for _, fq in self.buckets]
+        self.n_v = sum(self.sizes)
+        self.slots: list[tuple[int | None, int | None]] = []  # per bucket: its alpha's and beta's part, if trained
+        for _, fq in self.buckets:
+            slot = []
+            for tuned in (tune_alpha, min_max_tune):
+                slot.append(len(self.sizes) if tuned else None)
+                if tuned:
+                    self.sizes.append(fq.n_groups)
+            self.slots.append((slot[0], slot[1]))
+        self.ones = [torch.ones(fq.n_groups, device=fq.groups.device) for _, fq in self.buckets]
 
+    def init(self) -> torch.Tensor:
+        """The starting point (TPU-MLIR's RTN, as ``init_params``): ``v = 0``, ``alpha = beta = 1``."""
+        flat = torch.zeros(sum(self.sizes), device=self.ones[0].device)
+        flat[self.n_v:] = 1.0
+        return flat
 
-class _Samples:
-    """The calibration samples of every batch of ``ctx.inputs`` as one sequence; ``calls(idx)`` gives the block
-    calls for some of them: one call where the batches' arguments combine, else one per batch."""
+    def clamp_(self, flat: torch.Tensor) -> None:
+        flat[:self.n_v].clamp_(*V_RANGE)
+        if flat.shape[0] > self.n_v:
+            flat[self.n_v:].clamp_(*SHRINK_RANGE)
 
-    def __init__(self, inputs: list[BlockInput], device: torch.device) -> None:
-        self.inputs = inputs
-        self.device = device
-        self.sizes = [inp.hidden.shape[0] for inp in inputs]
-        self.owner = [(p, i) for p, size in enumerate(self.sizes) for i in range(size)]
-        self.targets: list[torch.Tensor] | None = None
-        self.mergeable = False
-        if len(inputs) > 1:
-            try:
-                self._merged([self._piece(p, [0]) for p in range(len(inputs))])
-                self.mergeable = True
-            except _NotMergeable:
-                log.info("SignRound: the calibration batches' block arguments differ; samples of different "
-                         "batches run as separate calls")
+    def _split(self, flat: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        parts = flat.split(self.sizes)
+        return [(parts[b].view(fq.n_groups, fq.g), self.ones[b] if ia is None else parts[ia],
+                 self.ones[b] if ib is None else parts[ib])
+                for b, ((_, fq), (ia, ib)) in enumerate(zip(self.buckets, self.slots))]
 
-    def __len__(self) -> int:
-        return len(self.owner)
-
-    def _piece(self, p: int, local: list[int]) -> tuple[torch.Tensor, dict[str, Any], torch.Tensor | None, int]:
-        inp = self.inputs[p]
-        idx = torch.tensor(local, dtype=torch.long)
-        target = None if self.targets is None else self.targets[p][idx.to(self.targets[p].device)]
-        return inp.hidden[idx.to(inp.hidden.device)], _select(inp.kwargs, self.sizes[p], idx), target, len(local)
-
-    @staticmethod
-    def _merged(parts: list[tuple]) -> tuple:
-        sizes = [k for *_, k in parts]
-        if len({h.shape[1:] for h, *_ in parts}) > 1:
-            raise _NotMergeable
-        hidden = torch.cat([h for h, *_ in parts])
-        kwargs = _merge([kw for _, kw, _, _ in parts], sizes)
-        target = None if parts[0][2] is None else torch.cat([t for _, _, t, _ in parts])
-        return hidden, kwargs, target, sum(sizes)
-
-    def calls(self, idx: list[int]) -> list[tuple[torch.Tensor, tuple, dict[str, Any], torch.Tensor | None]]:
-        """``(hidden, args, kwargs, target)`` on the device, floats in float32, for the samples ``idx``."""
-        by_piece: dict[int, list[int]] = {}
-        for i in sorted(idx):  # batch by batch, in order
-            p, local = self.owner[i]
-            by_piece.setdefault(p, []).append(local)
-        parts = [self._piece(p, local) for p, local in by_piece.items()]
-        if len(parts) > 1 and self.mergeable:
-            try:
-                parts = [self._merged(parts)]
-            except _NotMergeable:
-                pass
-        out = []
-        for hidden, kwargs, target, _ in parts:
-            kwargs = _float32(move(kwargs, self.device))
-            args = kwargs.pop("_positional", ())
-            out.append((hidden.to(self.device).float(), args, kwargs, target))
+    def weights(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every Linear's fake-quantized float32 weight, differentiable in ``flat``."""
+        out: dict[str, torch.Tensor] = {}
+        for (ns, fq), p in zip(self.buckets, self._split(flat)):
+            out.update(zip(ns, fq(*p)))
         return out
 
-    def chunks(self, size: int) -> Iterator[list[int]]:
-        """Every sample once, in chunks of at most ``size`` samples of one batch each."""
-        start = 0
-        for n in self.sizes:
-            for a in range(0, n, size):
-                yield list(range(start + a, start + min(a + size, n)))
-            start += n
-
-
-def _forward(block: nn.Module, tensors: dict[str, torch.Tensor], hidden: torch.Tensor, args: tuple,
-             kwargs: dict[str, Any]) -> torch.Tensor:
-    out = functional_call(block, tensors, (hidden, *args), kwargs, strict=False)
-    return (out[0] if isinstance(out, (tuple, list)) else out).float()
+    def per_linear(self, flat: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Every Linear's ``(v [N, K], alpha, beta [N, n_groups])`` (views of ``flat``), as ``init_params``."""
+        out = {}
+        for (ns, fq), (v, alpha, beta) in zip(self.buckets, self._split(flat)):
+            for i, n in enumerate(ns):
+                (rows, k), lo, hi = fq.shapes[i], fq.offsets[i], fq.offsets[i + 1]
+                out[n] = (v[lo:hi].reshape(rows, k), alpha[lo:hi].reshape(rows, k // fq.g),
+                          beta[lo:hi].reshape(rows, k // fq.g))
+        return out
 
 
 # -- the method ----------------------------------------------------------------------------------
@@ -214,82 +171,87 @@ class SignRoundMethod(Method):
         folded = {n: quantized_out_features(w.shape[0], fmt.bits, fmt.chip, per_channel=True) == 0
                   for n, w in weights.items()}
         # every parameter and buffer of the block as float32 tensors without grad: the block runs on these
-        # (functional_call), so its own weights are never touched
+        # (_Swapped), so its own weights are never touched
         state = {k: t.detach().float() if t.is_floating_point() else t.detach()
                  for k, t in chain(block.named_parameters(), block.named_buffers())}
-        samples = _Samples(ctx.inputs or [], device)
+        samples = CalibrationSamples(ctx.inputs or [], device)
         if not len(samples):
             raise ValueError("SignRound needs calibration samples (ctx.inputs is empty)")
-        with torch.no_grad():
+        with torch.no_grad(), _Swapped(block) as swapped:
+            swapped.set(state)
             targets = [[] for _ in samples.sizes]
             for idx in samples.chunks(batch_size):
                 for hidden, args, kwargs, _ in samples.calls(idx):
-                    targets[samples.owner[idx[0]][0]].append(_forward(block, state, hidden, args, kwargs))
-            samples.targets = [torch.cat(t) for t in targets]
+                    targets[samples.owner[idx[0]][0]].append(_forward(block, hidden, args, kwargs))
+            samples.set_targets(targets)
+            del targets
 
-        params = {n: init_params(w, fmt) for n, w in weights.items()}
-        trained: list[tuple[str, int, torch.Tensor]] = []  # (linear, which: 0 v / 1 alpha / 2 beta, tensor)
-        for n, (v, alpha, beta) in params.items():
-            trained.append((n, 0, v))
-            if sp["min_max_tune"]:
-                if not (fmt.symmetric and not fmt.per_channel):  # symmetric: alpha has no effect
-                    trained.append((n, 1, alpha))
-                trained.append((n, 2, beta))
-        tensors = [t for _, _, t in trained]
-        for t in tensors:
-            t.requires_grad_(True)
-
-        def quantized(p: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
-            return {f"{n}.weight": fake_quantize(weights[n], *p[n], fmt, folded=folded[n]) for n in names}
-
+        params = _Params(weights, folded, fmt, bool(sp["min_max_tune"]))
+        theta = params.init().requires_grad_(True)
         rtn = {n: final_result(w, *init_params(w, fmt), fmt) for n, w in weights.items()}
         err_rtn = self._errors(block, state, samples, rtn, batch_size)  # per sample: the yardstick of every step
-        # the best step: the lowest loss relative to RTN's on the same samples (the raw loss of a few samples
-        # says more about which samples were drawn than about the parameters)
-        best = [t.detach().clone() for t in tensors]
-        best_ratio, best_step, reached = math.inf, -1, set()
+
+        # every step's samples, drawn up front (the generator draws nothing else), with their RTN loss and their
+        # indices on the device: a step copies nothing to the device and waits for nothing from it
         gen = torch.Generator().manual_seed(int(sp["seed"]) + ctx.index)
         n_samples, per_step = len(samples), min(batch_size, len(samples))
-        order, pos = torch.randperm(n_samples, generator=gen).tolist(), 0
-        with torch.enable_grad():
-            for it in range(iters):
-                if pos + per_step > n_samples:
-                    order, pos = torch.randperm(n_samples, generator=gen).tolist(), 0
-                idx, pos = order[pos:pos + per_step], pos + per_step
-                calls = samples.calls(idx)
+        order, pos, steps = torch.randperm(n_samples, generator=gen).tolist(), 0, []
+        for _ in range(iters):
+            if pos + per_step > n_samples:
+                order, pos = torch.randperm(n_samples, generator=gen).tolist(), 0
+            steps.append(order[pos:pos + per_step])
+            pos += per_step
+        rtn_loss = torch.tensor([max(float(err_rtn[idx].sum()), 1e-30) for idx in steps], dtype=torch.float64,
+                                device=device).unbind(0)
+        index = (torch.tensor([sorted(idx) for idx in steps], dtype=torch.long).to(device).unbind(0)
+                 if iters and samples.plan is not None else [None] * iters)
+
+        # the best step: the lowest loss relative to RTN's on the same samples (the raw loss of a few samples
+        # says more about which samples were drawn than about the parameters); kept on the device
+        best = theta.detach().clone()
+        best_ratio = torch.tensor(math.inf, dtype=torch.float64, device=device)
+        best_step = torch.tensor(-1, dtype=torch.long, device=device)
+        reached: set[str] = set()
+        with torch.enable_grad(), _Swapped(block) as swapped:
+            swapped.set(state)  # the frozen float32 tensors, once; a call replaces the quantized weights only
+            for it, idx in enumerate(steps):
+                calls = samples.calls(idx, index[it])
                 n_elems = sum(t.numel() for *_, t in calls)
-                grads: list[torch.Tensor | None] = [None] * len(tensors)
-                step_err = 0.0
+                grad: torch.Tensor | None = None
+                step_err: torch.Tensor | None = None
                 for hidden, args, kwargs, target in calls:
-                    out = _forward(block, {**state, **quantized(params)}, hidden, args, kwargs)
+                    quantized = params.weights(theta)
+                    swapped.set({f"{n}.weight": q for n, q in quantized.items()})
+                    out = _forward(block, hidden, args, kwargs)
                     err = (out - target).pow(2).sum()
-                    for k, g in enumerate(torch.autograd.grad(err / n_elems, tensors, allow_unused=True)):
-                        if g is not None:
-                            grads[k] = g if grads[k] is None else grads[k] + g
-                    step_err += float(err.detach())
-                ratio = step_err / max(float(err_rtn[idx].sum()), 1e-30)
-                if ratio < best_ratio:  # the parameters before this step's update
-                    best_ratio, best_step = ratio, it
-                    for b, t in zip(best, tensors):
-                        b.copy_(t.detach())
-                step_lr = lr * (1 - it / iters) if sp["lr_decay"] else lr
+                    g, *used = torch.autograd.grad(err / n_elems, [theta, *quantized.values()], allow_unused=True)
+                    reached.update(n for n, u in zip(quantized, used) if u is not None)
+                    if g is not None:
+                        grad = g if grad is None else grad + g
+                    err = err.detach().double()
+                    step_err = err if step_err is None else step_err + err
+                ratio = step_err / rtn_loss[it]
+                better = ratio < best_ratio  # the parameters before this step's update
+                best_ratio = torch.where(better, ratio, best_ratio)
+                best_step = torch.where(better, it, best_step)
                 with torch.no_grad():
-                    for (n, which, t), g in zip(trained, grads):
-                        if g is None:
-                            continue
-                        reached.add(n)
-                        t.sub_(step_lr * torch.sign(g))
-                        t.clamp_(*(V_RANGE if which == 0 else SHRINK_RANGE))
-        for t in tensors:
-            t.requires_grad_(False)
+                    if device.type == "cpu":  # waiting costs nothing: copy only when better
+                        if better:
+                            best.copy_(theta)
+                    else:
+                        torch.where(better, theta, best, out=best)
+                    if grad is not None:
+                        step_lr = lr * (1 - it / iters) if sp["lr_decay"] else lr
+                        theta.sub_(step_lr * torch.sign(grad))
+                        params.clamp_(theta)
+        theta.requires_grad_(False)
+        best_ratio, best_step = float(best_ratio), int(best_step)
 
         # the candidates on every calibration sample, with their exact integer weights: the last parameters,
         # the best step's, RTN; the lowest loss wins
         total = float(sum(t.numel() for t in samples.targets))
-        last = {n: final_result(w, *params[n], fmt) for n, w in weights.items()}
-        for b, t in zip(best, tensors):
-            t.copy_(b)
-        best_res = {n: final_result(w, *params[n], fmt) for n, w in weights.items()}
+        last = {n: final_result(weights[n], *p, fmt) for n, p in params.per_linear(theta).items()}
+        best_res = {n: final_result(weights[n], *p, fmt) for n, p in params.per_linear(best).items()}
         losses = {"rtn": float(err_rtn.sum()) / total}
         if iters:
             losses["last"] = float(self._errors(block, state, samples, last, batch_size).sum()) / total
@@ -320,14 +282,16 @@ class SignRoundMethod(Method):
 
     @staticmethod
     @torch.no_grad()
-    def _errors(block: nn.Module, state: dict[str, torch.Tensor], samples: _Samples, results: dict[str, GptqResult],
+    def _errors(block: nn.Module, state: dict[str, torch.Tensor], samples: CalibrationSamples, results: dict[str, GptqResult],
                 batch_size: int) -> torch.Tensor:
         """Per calibration sample (float64 ``[n]``, on the CPU): the squared error of the block's output against
         the float target, with the results' exact integer weights (``(q - z) * stored scale``, folds included)."""
         tensors = {**state, **{f"{n}.weight": r.tpu_weight().dequantize().to(samples.device) for n, r in results.items()}}
-        errors = torch.zeros(len(samples), dtype=torch.float64)
-        for idx in samples.chunks(batch_size):
-            for hidden, args, kwargs, target in samples.calls(idx):  # one call: samples idx of one batch, in order
-                err = (_forward(block, tensors, hidden, args, kwargs) - target).double().pow(2)
-                errors[idx] = err.reshape(err.shape[0], -1).sum(dim=1).cpu()
-        return errors
+        errors = []
+        with _Swapped(block) as swapped:
+            swapped.set(tensors)
+            for idx in samples.chunks(batch_size):  # in order: every sample once
+                for hidden, args, kwargs, target in samples.calls(idx):  # one call: samples idx of one batch, in order
+                    err = (_forward(block, hidden, args, kwargs) - target).double().pow(2)
+                    errors.append(err.reshape(err.shape[0], -1).sum(dim=1))
+        return torch.cat(errors).cpu()
