@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_gptq import FORMATS as GPTQ_FORMATS
+from test_gptq import W4
 from torch.func import functional_call
 
 from llmc_tpu.algorithms.gptq import handoff_grid
@@ -17,14 +19,8 @@ from llmc_tpu.methods.signround import SignRoundMethod
 from llmc_tpu.models.registry import find_spec
 from llmc_tpu.tpu.rtn import TpuWeightFormat, quantize_codes, quantize_weight
 
-W4 = TpuWeightFormat(4, 64)
-FORMATS = {
-    "W4BF16-g64": W4,
-    "W4BF16-g64-sym": TpuWeightFormat(4, 64, True),
-    "W8BF16-g64": TpuWeightFormat(8, 64),
-    "W4F16-g64": TpuWeightFormat(4, 64, False, "float16"),
-    "W4BF16-per-channel": TpuWeightFormat(4, 0),
-}
+# GPTQ's formats but W8 per channel (signed codes with zero 0), which SignRound refuses
+FORMATS = {name: fmt for name, fmt in GPTQ_FORMATS.items() if name != "W8BF16-per-channel"}
 
 
 def weight(n: int = 128, k: int = 256, seed: int = 1, positive_groups: bool = True) -> torch.Tensor:
