@@ -16,6 +16,10 @@ examples:
   llmc-tpu quantize --config configs/LLM/demo_rtn.yml          # the embedded demo (no network)
   llmc-tpu check-config my.yml                                 # validate, print every resolved default
   llmc-tpu verify ./save/demo_rtn                              # compile with TPU-MLIR, compare code for code
+  llmc-tpu quantize --config configs/LLM/AwqSignRound.yml      # the most accurate template (edit model.path)
+
+methods (quant.method): RTN, Awq, GPTQ, SignRound, or [Awq, GPTQ] / [Awq, SignRound]; GPTQ and SignRound
+hand over SAVE_PATH/gptq_tpu_model for llm_convert.py -q auto, the others SAVE_PATH/transformed_model
 
 exit codes: 0 ok, 1 run failed, 2 bad config or arguments, 3 verify found mismatches,
             4 run written but a requested GPU export failed (see report.md "GPU exports")
