@@ -19,7 +19,7 @@ from llmc_tpu.config.schema import RunConfig, chooses_codes
 from llmc_tpu.data.text import DataError, eval_text
 from llmc_tpu.engine.blockwise import BlockInput, blocks_of, capture_block_inputs, run_block
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
-from llmc_tpu.engine.microbatch import micro_batch_size
+from llmc_tpu.engine.microbatch import inputs_device, micro_batch_size
 from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
 from llmc_tpu.export.formats import EXPORTS, export_options, write_exports
 from llmc_tpu.export.gptq_checkpoint import FOLDER as GPTQ_FOLDER
@@ -246,8 +246,14 @@ class Quantizer:
                     size = micro_batch_size(samples.shape[0], samples.shape[1], loaded.model.config, self.device)
                     batches = [samples[i:i + size] for i in range(0, samples.shape[0], size)]
                     info["micro_batch"] = size
+            store = self.device
+            if isinstance(batches[0], torch.Tensor):
+                n = sum(b.shape[0] for b in batches)
+                store = inputs_device(n, batches[0].shape[1], loaded.model.config, self.device,
+                                      next(loaded.model.parameters()).element_size())
+            info["inputs_on"] = str(store)  # between blocks: the device while they fit, else (pinned) host memory
             self.report.data["calib"] = info
-            return capture_block_inputs(loaded.model, loaded.spec, batches, store_device=self.device)
+            return capture_block_inputs(loaded.model, loaded.spec, batches, store_device=store)
 
     def _eval_windows(self, loaded: LoadedModel) -> dict[str, torch.Tensor]:
         ev = self.cfg.eval

@@ -25,6 +25,15 @@ def test_micro_batch_size_follows_the_free_memory():
     assert microbatch.free_bytes(cpu) > 0
 
 
+def test_block_inputs_leave_the_gpu_only_when_they_do_not_fit():
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32)
+    gpu, cpu = torch.device("cuda:0"), torch.device("cpu")
+    inputs = 2 * 128 * 2048 * 4096 * 2  # 128 x 2048 bf16 hidden states, in and out: 4 GiB
+    assert microbatch.inputs_device(128, 2048, cfg, gpu, 2, free=int(inputs / microbatch.BUDGET_SHARE)) == gpu
+    assert microbatch.inputs_device(128, 2048, cfg, gpu, 2, free=int(inputs / microbatch.BUDGET_SHARE) - 1) == cpu
+    assert microbatch.inputs_device(128, 2048, cfg, cpu, 2, free=1) == cpu  # a CPU run keeps them where they are
+
+
 @pytest.mark.parametrize("method", ["GPTQ", "Awq"])
 def test_micro_batches_give_the_one_batch_result(method, tiny_llama, eval_txt, tmp_path, monkeypatch):
     def run(name: str) -> tuple[dict, dict, object]:

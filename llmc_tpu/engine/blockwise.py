@@ -88,7 +88,11 @@ def capture_block_inputs(model: nn.Module, spec: ModelSpec, batches: Iterable[to
                 pass
     finally:
         blocks[0] = first
-    return [move(c, store_device) for c in captured]
+    stored = [move(c, store_device) for c in captured]
+    if torch.device(store_device).type == "cpu" and torch.cuda.is_available():  # host copies of CUDA work: pinned
+        for c in stored:
+            c.hidden = c.hidden.pin_memory()
+    return stored
 
 
 @torch.no_grad()

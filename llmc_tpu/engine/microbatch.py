@@ -48,3 +48,15 @@ def micro_batch_size(n_samples: int, seq_len: int, config: Any, device: torch.de
     budget = BUDGET_SHARE * (free_bytes(device) if free is None else free)
     per_sample = bytes_per_token(config, seq_len, dtype_bytes) * seq_len
     return max(1, min(n_samples, int(budget // per_sample)))
+
+
+def inputs_device(n_samples: int, seq_len: int, config: Any, device: torch.device, dtype_bytes: int = 2,
+                  free: int | None = None) -> torch.device:
+    """Where the calibration samples' block inputs live between blocks: on the device while they (and the next
+    block's outputs, as many again) fit in ``BUDGET_SHARE`` of its free memory, else in the host's memory."""
+    if device.type != "cuda":
+        return device
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 4096)
+    needed = 2 * n_samples * seq_len * hidden * dtype_bytes
+    return device if needed <= BUDGET_SHARE * (free_bytes(device) if free is None else free) else torch.device("cpu")
