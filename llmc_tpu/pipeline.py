@@ -204,6 +204,8 @@ class Quantizer:
                                    config=model.config)
                 with split("method"):
                     method.process_block(ctx)
+                for part, seconds in ctx.report.pop("time_s", {}).items():  # the method's own split, e.g. solve
+                    split.times[f"method: {part}"] = split.times.get(f"method: {part}", 0.0) + seconds
                 check_finite_weights(block, spec, prefix, method.name)
                 with split("tpu rtn"):
                     block_results = quantize_block(block, spec, self.fmt, prefix, ctx.results)

@@ -6,6 +6,7 @@ weights) that TPU-MLIR's own quantizer then turns into exactly the codes we scor
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -196,10 +197,14 @@ class AwqMethod(Method):
         sp = self.special
         subsets = ctx.spec.block_subsets(ctx.block)
         scaled, skipped, uncalibrated = [], [], []
+        times = ctx.report.setdefault("time_s", {})
         if sp["trans"]:
             groups = scale_groups(subsets)
             inspects = list(dict.fromkeys(s.inspect for g in groups if g[0].prev_op for s in g))
+            start = time.perf_counter()
             calls = capture_calls(ctx.block, inspects, ctx.inputs, ctx.device)
+            times["awq forward+statistics"] = round(time.perf_counter() - start, 4)
+            start = time.perf_counter()
             for group in groups:
                 layers = [n for s in group for n in s.layers]
                 why_not = self._skip_reason(ctx, group)
@@ -210,10 +215,13 @@ class AwqMethod(Method):
                     skipped.append({"layers": layers, "reason": why_not})
                     continue
                 scaled.append(self._scale_group(ctx, group, calls))
+            times["awq scale search"] = round(time.perf_counter() - start, 4)
         ctx.report["scaled"] = scaled
         ctx.report["skipped"] = skipped
         if sp["weight_clip"]:
+            start = time.perf_counter()
             ctx.report["clipped"] = self._clip(ctx, subsets, uncalibrated)
+            times["awq clip search"] = round(time.perf_counter() - start, 4)
         if uncalibrated:
             ctx.report["uncalibrated"] = sorted(set(uncalibrated))
 

@@ -105,8 +105,8 @@ class GptqMethod(Method):
                 block.get_submodule(name).weight.data = weight
         ctx.report["gptq"] = notes
         # forward passes with the Hessian hooks vs the solver (weights restored in between are negligible)
-        ctx.report["time_s"] = {"forward+statistics": round(time.perf_counter() - start - solving, 4),
-                                "solve": round(solving, 4)}
+        ctx.report.setdefault("time_s", {}).update({"gptq forward+statistics": round(time.perf_counter() - start - solving, 4),
+                                                     "gptq solve": round(solving, 4)})
         uncalibrated = [n for note in notes if note.get("uncalibrated") for n in note["layers"]]
         if uncalibrated:
             ctx.report["uncalibrated"] = uncalibrated
