@@ -43,6 +43,18 @@ def _select(v: Any, bs: int, idx: torch.Tensor) -> Any:
     return v
 
 
+def _each(vals: list[Any], sizes: list[int], fn: Any) -> Any:
+    """A dict, tuple or list argument of every batch: ``fn`` on each entry across the batches (same keys or length)."""
+    first = vals[0]
+    if isinstance(first, dict):
+        if not all(isinstance(v, dict) and v.keys() == first.keys() for v in vals):
+            raise _NotMergeable
+        return {k: fn([v[k] for v in vals], sizes) for k in first}
+    if not all(type(v) is type(first) and len(v) == len(first) for v in vals):
+        raise _NotMergeable
+    return type(first)(fn([v[i] for v in vals], sizes) for i in range(len(first)))
+
+
 def _merge(vals: list[Any], sizes: list[int]) -> Any:
     """One argument for the concatenated samples of several batches' selections (``sizes[i]`` samples each)."""
     first = vals[0]
@@ -65,14 +77,8 @@ def _merge(vals: list[Any], sizes: list[int]) -> Any:
         if len(blocks) > 1 or len({v.shape[1:] for v in parts}) > 1:
             raise _NotMergeable
         return torch.cat(parts)
-    if isinstance(first, dict):
-        if not all(isinstance(v, dict) and v.keys() == first.keys() for v in vals):
-            raise _NotMergeable
-        return {k: _merge([v[k] for v in vals], sizes) for k in first}
-    if isinstance(first, (tuple, list)):
-        if not all(type(v) is type(first) and len(v) == len(first) for v in vals):
-            raise _NotMergeable
-        return type(first)(_merge([v[i] for v in vals], sizes) for i in range(len(first)))
+    if isinstance(first, (dict, tuple, list)):
+        return _each(vals, sizes, _merge)
     for v in vals[1:]:
         try:
             same = v is first or bool(v == first)
@@ -155,14 +161,8 @@ def _plan(vals: list[Any], sizes: list[int]) -> Any:
         parts = [v.expand(bs, *v.shape[1:]) if b else v for v, bs, b in zip(vals, sizes, bcast)]
         data = parts[0] if len(parts) == 1 else torch.cat(parts)
         return _Rows(data.reshape(sum(sizes), m, *first.shape[1:]) if m > 1 else data, m, bcast)
-    if isinstance(first, dict):
-        if not all(isinstance(v, dict) and v.keys() == first.keys() for v in vals):
-            raise _NotMergeable
-        return {k: _plan([v[k] for v in vals], sizes) for k in first}
-    if isinstance(first, (tuple, list)):
-        if not all(type(v) is type(first) and len(v) == len(first) for v in vals):
-            raise _NotMergeable
-        return type(first)(_plan([v[i] for v in vals], sizes) for i in range(len(first)))
+    if isinstance(first, (dict, tuple, list)):
+        return _each(vals, sizes, _plan)
     for v in vals[1:]:
         try:
             same = v is first or (type(v) is type(first) and bool(v == first))
