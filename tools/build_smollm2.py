@@ -15,7 +15,7 @@ For accuracy and speed benchmarks, not CI (a 93 MB download).
 
 Example:
 
-  pip install gguf
+  pip install gguf accelerate      # or: pip install -e ".[dev]"
   python tools/build_smollm2.py --out models/SmolLM2-135M-Instruct
 """
 
