@@ -153,10 +153,10 @@ class Quantizer:
                 self.report.outputs["fake_quant_model"] = str(out.final / "fake_quant_model")
             if chooses_codes(cfg.quant.method):  # GPTQ's handoff: a checkpoint llm_convert -q auto reads with our codes
                 with self.timer("save"):
+                    meta = {"method": cfg.quant.method, "damp_percent": cfg.quant.special.get("percdamp", 0.0),
+                            **cfg.quant.special}
                     save_gptq_checkpoint(loaded.model, loaded.tokenizer, loaded.path, out.path(GPTQ_FOLDER), results,
-                                         self.fmt, meta={"method": cfg.quant.method, "damp_percent": cfg.quant.special.get("percdamp", 0.0),
-                                               **cfg.quant.special},
-                                         original_keys=bool(loaded.spec.vision))
+                                         self.fmt, meta=meta, original_keys=bool(loaded.spec.vision))
                 self.report.outputs[GPTQ_FOLDER] = str(out.final / GPTQ_FOLDER)
             gpu_exports = [key for key in EXPORTS if getattr(cfg.save, key)]
             if gpu_exports:  # AutoAWQ / GPTQ / compressed-tensors folders; a failed one is reported, the rest written

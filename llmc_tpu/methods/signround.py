@@ -46,6 +46,7 @@ from llmc_tpu.algorithms.signround import (
     group_size,
     init_params,
 )
+from llmc_tpu.config.schema import SignRoundSpecial
 from llmc_tpu.engine.samples import CalibrationSamples
 from llmc_tpu.fake_quant import handoff_weight
 from llmc_tpu.methods.base import BlockContext, Method
@@ -54,7 +55,7 @@ from llmc_tpu.tpu.chips import quantized_out_features
 
 log = logging.getLogger("llmc_tpu")
 
-DEFAULTS: dict[str, Any] = {"iters": 200, "lr": None, "lr_decay": True, "batch_size": 8, "min_max_tune": True, "seed": 0}
+DEFAULTS: dict[str, Any] = SignRoundSpecial().model_dump()  # the config's defaults, for keys a caller leaves out
 
 
 class _Swapped:
