@@ -76,14 +76,9 @@ def _ste(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    """``_ste(x, round_half_away(x))`` bit for bit, in 5 elementwise ops instead of 9.
-
-    ``trunc(x) + trunc(2 (x - trunc(x)))``: the fraction ``x - trunc(x)`` and its double are exact, so this is
-    ``round_half_away(x)`` for every finite ``x`` but ``-0`` (which gives ``+0``); the STE's ``+ (x - x)`` makes
-    both ``+0``, and both NaN where ``x`` is infinite (checked on every finite float32)."""
+    """``round_half_away(x)`` in the forward pass, the identity's gradient in the backward pass."""
     xd = x.detach()
-    t = torch.trunc(xd)
-    return (t + torch.trunc((xd - t) * 2)) + (x - xd)
+    return round_half_away(xd) + (x - xd)
 
 
 def _constants(fmt: TpuWeightFormat, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

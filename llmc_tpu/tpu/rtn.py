@@ -70,11 +70,11 @@ class TpuWeightFormat:
 def round_half_away(x: torch.Tensor) -> torch.Tensor:
     """C's ``std::round``: ties go away from zero (``torch.round`` sends them to even).
 
-    ``trunc(x)`` plus ``sign(x)`` where the dropped fraction is at least 1/2; ``x - trunc(x)`` is exact in
-    floating point, so this is exact for every value (no ``x + 0.5``, which rounds for some ``x`` below 1/2).
+    ``trunc(x) + trunc(2 (x - trunc(x)))``: the fraction ``x - trunc(x)`` and its double are exact in floating
+    point, so this is exact for every finite value (no ``x + 0.5``, which rounds for some ``x`` below 1/2).
     """
     t = torch.trunc(x)
-    return t.add_(torch.sign(x).mul_((x - t).abs_() >= 0.5))
+    return t + torch.trunc((x - t) * 2)
 
 
 @dataclass
