@@ -42,6 +42,11 @@ class GptqError(RuntimeError):
     """The solver cannot produce a result (non-finite Hessian, Cholesky failing at every damping)."""
 
 
+def sequences(x: torch.Tensor) -> torch.Tensor:
+    """Inputs ``[..., seq, K]`` as ``[n_seq, seq, K]``; rows ``[n, K]`` (an expert's routed tokens) as one sequence."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
+
+
 def clip_outlier_tokens(x: torch.Tensor, token_clip: float) -> torch.Tensor:
     """Scale down tokens whose squared norm exceeds ``token_clip`` times their sequence's median.
 
@@ -56,7 +61,7 @@ def clip_outlier_tokens(x: torch.Tensor, token_clip: float) -> torch.Tensor:
     """
     if token_clip <= 0 or x.numel() == 0:
         return x
-    seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 2 else x.reshape(1, 1, -1)
+    seqs = sequences(x)
     sq = seqs.float().square().sum(-1)  # [n_seq, seq]
     cap = token_clip * sq.median(dim=1, keepdim=True).values
     factor = torch.where(sq > cap, (cap / sq.clamp_min(torch.finfo(torch.float32).tiny)).sqrt(), torch.ones_like(sq))
@@ -86,8 +91,7 @@ class Hessian:
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``[..., K]`` (``[batch, seq, K]``: per sequence, for the token clip and the order)."""
-        x = clip_outlier_tokens(x.to(self.sum.device), self.token_clip)
-        seqs = x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
+        seqs = clip_outlier_tokens(sequences(x.to(self.sum.device)), self.token_clip)
         if seqs.numel() == 0:
             return
         # bf16/f16 values are exact in TF32, so on CUDA the fp32 product may use TF32 tensor cores unchanged

@@ -32,13 +32,19 @@ def free_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def bytes_per_token(config: Any, seq_len: int, dtype_bytes: int = 4) -> int:
-    """A generous estimate of one token's intermediates in one decoder block's forward: the residual stream
-    and norms, q/k/v/o, the MLP's gate/up/act products, and a row of attention scores per head."""
+def _sizes(config: Any) -> tuple[int, int, int]:
+    """(hidden, intermediate, heads) of the language model (a VLM's text config), under the common names."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 4096)
     inter = int(getattr(config, "intermediate_size", 0) or getattr(config, "ffn_dim", 0) or 4 * hidden)
     heads = int(getattr(config, "num_attention_heads", 0) or getattr(config, "n_head", 0) or 32)
+    return hidden, inter, heads
+
+
+def bytes_per_token(config: Any, seq_len: int, dtype_bytes: int = 4) -> int:
+    """A generous estimate of one token's intermediates in one decoder block's forward: the residual stream
+    and norms, q/k/v/o, the MLP's gate/up/act products, and a row of attention scores per head."""
+    hidden, inter, heads = _sizes(config)
     return dtype_bytes * (12 * hidden + 4 * inter + 2 * heads * seq_len)
 
 
@@ -56,7 +62,5 @@ def inputs_device(n_samples: int, seq_len: int, config: Any, device: torch.devic
     block's outputs, as many again) fit in ``BUDGET_SHARE`` of its free memory, else in the host's memory."""
     if device.type != "cuda":
         return device
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "n_embd", 0) or 4096)
-    needed = 2 * n_samples * seq_len * hidden * dtype_bytes
+    needed = 2 * n_samples * seq_len * _sizes(config)[0] * dtype_bytes
     return device if needed <= BUDGET_SHARE * (free_bytes(device) if free is None else free) else torch.device("cpu")
