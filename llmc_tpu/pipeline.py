@@ -18,6 +18,16 @@ from llmc_tpu.config.load import tpu_format
 from llmc_tpu.config.schema import RunConfig, chooses_codes
 from llmc_tpu.data.text import DataError, eval_text
 from llmc_tpu.engine.blockwise import BlockInput, blocks_of, capture_block_inputs, run_block
+from llmc_tpu.engine.distributed import (
+    PARTS,
+    WORLD_SIZES,
+    Ranks,
+    Shard,
+    close_process_group,
+    init_process_group,
+    launched_ranks,
+    micro_batches,
+)
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
 from llmc_tpu.engine.microbatch import inputs_device, micro_batch_size
 from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
@@ -48,8 +58,15 @@ class PipelineError(RuntimeError):
     """A run that cannot go on; the message says why and what to change."""
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA when present, else CPU."""
+def pick_device(name: str, ranks: Ranks | None = None) -> torch.device:
+    """``auto``: CUDA when present, else CPU. Under torchrun, ``auto`` and ``cuda`` mean this process's GPU."""
+    if ranks is not None and ranks.world > 1 and name in ("auto", "cuda"):
+        if name == "auto" and not torch.cuda.is_available():
+            return torch.device("cpu")
+        if torch.cuda.device_count() <= ranks.local_rank:
+            raise PipelineError(f"torchrun started {ranks.world} processes on this host but it has "
+                                f"{torch.cuda.device_count()} GPU(s); use --nproc-per-node {torch.cuda.device_count()}")
+        return torch.device("cuda", ranks.local_rank)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -82,6 +99,25 @@ def _head_dim(config) -> int:
     return head_dim or config.hidden_size // config.num_attention_heads
 
 
+def check_distributed(cfg: RunConfig, ranks: Ranks, resume: bool) -> None:
+    """What a torchrun launch cannot run (yet), said before any work."""
+    if ranks.world == 1:
+        return
+    why = None
+    if ranks.world not in WORLD_SIZES:
+        why = f"it uses 1, 2, 4 or 8 processes (the calibration samples are cut into {PARTS} equal parts)"
+    elif not needs_calibration(cfg.quant.method):
+        why = "RTN needs no calibration data: run one process"
+    elif "SignRound" in cfg.quant.method.split("+"):
+        why = "SignRound's optimizer runs in one process; use GPTQ, Awq or [Awq, GPTQ] with torchrun"
+    elif cfg.calib.name == "custom_mm" or "vision" in cfg.quant.quant_objects:
+        why = "vision-language calibration runs in one process"
+    elif resume:
+        why = "--resume continues in one process"
+    if why:
+        raise PipelineError(f"torchrun --nproc-per-node {ranks.world}: {why}")
+
+
 class _Timer:
     def __init__(self) -> None:
         self.times: dict[str, float] = {}
@@ -107,6 +143,8 @@ class Quantizer:
         self.report = RunReport(config=cfg.model_dump())
         self.vision_results: QuantResults = {}  # quant_objects [vision, language]: fake-quant only (TPU keeps it bf16)
         self.vlm_eval: dict[str, vlm_quant.VlmEvalSet] = {}
+        self.ranks = launched_ranks()  # torchrun: this process's share of the calibration samples
+        self.shard: Shard | None = None  # set with the calibration inputs
 
     def _bar(self, iterable, **kwargs):
         return tqdm(iterable, disable=not self.progress, leave=False, **kwargs)
@@ -114,6 +152,9 @@ class Quantizer:
     # -- stages -------------------------------------------------------------------------------
     def run(self) -> RunReport:
         cfg = self.cfg
+        if not self.ranks.main:
+            return self._run_helper()
+        check_distributed(cfg, self.ranks, self.resume)
         preflight(cfg, self.fmt, self.overwrite, needs_calibration(cfg.quant.method))  # every problem, before any work
         out = OutputDir(cfg.save.save_path, self.overwrite, self.resume)
         try:
@@ -124,7 +165,8 @@ class Quantizer:
                 loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype,
                                     cfg.model.tokenizer_mode, cfg.model.trust_remote_code,
                                     cfg.calib.min_pixels, cfg.calib.max_pixels)
-            self.device = pick_device(cfg.run.device)
+            self.device = pick_device(cfg.run.device, self.ranks)
+            init_process_group(self.ranks, self.device)
             if cfg.save.save_onnx:  # refuse what the ONNX pieces would get wrong, before any work
                 check_exportable(loaded.model, loaded.spec, cfg.run.seq_length)
             self._describe(loaded)
@@ -182,6 +224,23 @@ class Quantizer:
         except BaseException:
             out.discard()
             raise
+        finally:
+            close_process_group()
+        return self.report
+
+    def _run_helper(self) -> RunReport:
+        """Another process of a torchrun launch: its share of the calibration samples through every block (the
+        sums over samples are completed with rank 0's); rank 0 evaluates, writes the outputs and reports."""
+        cfg = self.cfg
+        try:
+            check_distributed(cfg, self.ranks, self.resume)
+            loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype, cfg.model.tokenizer_mode,
+                                cfg.model.trust_remote_code)
+            self.device = pick_device(cfg.run.device, self.ranks)
+            init_process_group(self.ranks, self.device)
+            self.quantize(loaded)
+        finally:
+            close_process_group()
         return self.report
 
     def quantize(self, loaded: LoadedModel) -> QuantResults:
@@ -201,7 +260,7 @@ class Quantizer:
                 with split("transfer"):
                     block.to(self.device)
                 ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs, head_dim=_head_dim(model.config),
-                                   config=model.config)
+                                   config=model.config, shard=self.shard)
                 with split("method"):
                     method.process_block(ctx)
                 for part, seconds in ctx.report.pop("time_s", {}).items():  # the method's own split, e.g. solve
@@ -243,11 +302,18 @@ class Quantizer:
                 batches, info = vlm_quant.calibration_batches(self.cfg.calib, loaded.processor)
             else:
                 batches, info = calibration_batches(self.cfg.calib, loaded.tokenizer)
-                if self.cfg.calib.bs == -1:  # "one batch": split only where one batch would not fit the device
-                    samples = torch.cat(batches)
-                    size = micro_batch_size(samples.shape[0], samples.shape[1], loaded.model.config, self.device)
-                    batches = [samples[i:i + size] for i in range(0, samples.shape[0], size)]
-                    info["micro_batch"] = size
+                samples = torch.cat(batches)
+                n = samples.shape[0]
+                size = self.cfg.calib.bs
+                if size == -1:  # "one batch": split only where one batch would not fit the device
+                    size = micro_batch_size(n, samples.shape[1], loaded.model.config, self.device)
+                # batches within the parts of the fixed summing order, this process's parts only (torchrun)
+                self.shard = Shard(n, self.ranks)
+                batches = [samples[r.start:r.stop] for r in micro_batches(n, size) if r.start in self.shard.mine]
+                info["micro_batch"] = max(len(b) for b in batches)
+                if self.ranks.world > 1:
+                    info["processes"] = self.ranks.world
+                    info["samples_per_process"] = len(self.shard.mine)
             store = self.device
             if isinstance(batches[0], torch.Tensor):
                 n = sum(b.shape[0] for b in batches)

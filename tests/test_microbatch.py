@@ -40,7 +40,7 @@ def test_micro_batches_give_the_one_batch_result(method, tiny_llama, eval_txt, t
         save = tmp_path / name
         cfg = parse_config({
             "model": {"path": str(tiny_llama), "torch_dtype": "float32"},
-            "calib": {"name": "custom_txt", "path": str(eval_txt), "n_samples": 8, "seq_len": 64},
+            "calib": {"name": "custom_txt", "path": str(eval_txt), "n_samples": 32, "seq_len": 64},
             "eval": {"eval_pos": []},
             "quant": {"method": method, "quant_out": True},
             "save": {"save_path": str(save), "save_fake": True},
@@ -53,6 +53,7 @@ def test_micro_batches_give_the_one_batch_result(method, tiny_llama, eval_txt, t
     per_sample = microbatch.bytes_per_token(AutoConfig.from_pretrained(tiny_llama), 64) * 64
     monkeypatch.setattr(microbatch, "free_bytes", lambda device: int(3 * per_sample / microbatch.BUDGET_SHARE))
     split, split_weights, _ = run("split")
-    assert one["micro_batch"] == 8 and split["micro_batch"] == 3  # 8 samples as 3 + 3 + 2
+    # 32 samples: 8 parts of 4 (engine.distributed), each one batch, or split as 3 + 1
+    assert one["micro_batch"] == 4 and split["micro_batch"] == 3
     for name, w in one_weights.items():  # bit for bit: the statistics do not depend on how samples are batched
         assert torch.equal(split_weights[name], w), name

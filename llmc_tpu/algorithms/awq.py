@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -19,15 +19,21 @@ import torch
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # float weight [N, K] -> the weight the hardware computes with
 
 
+def activation_abs_sums(xs: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of |x| per input channel, one row per sequence (``[..., seq, K]`` inputs; a 2-D input, e.g. an MoE
+    expert's routed rows, is one row), and the number of tokens: ``rows.sum(0) / tokens`` is the mean |x|."""
+    rows, tokens = [], 0
+    for x in xs:
+        xf = x.float().abs()
+        rows.append(xf.sum(dim=-2).reshape(-1, x.shape[-1]) if x.dim() >= 3 else xf.sum(dim=0, keepdim=True))
+        tokens += x.numel() // x.shape[-1]
+    return torch.cat(rows), tokens
+
+
 def activation_mean(xs: Iterable[torch.Tensor]) -> torch.Tensor:
     """Mean |x| per input channel over every token of every batch (float32)."""
-    total, count = None, 0
-    for x in xs:
-        x2 = x.reshape(-1, x.shape[-1]).float()
-        part = x2.abs().sum(dim=0)
-        total = part if total is None else total + part
-        count += x2.shape[0]
-    return total / count
+    rows, tokens = activation_abs_sums(xs)
+    return rows.sum(dim=0) / tokens
 
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -74,14 +80,22 @@ def search_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, loss_fn: Cal
     return ScaleSearch(best[0], best[1], best[2], identity, losses)
 
 
+def group_grams(x: torch.Tensor, group_size: int, k: int) -> Iterator[torch.Tensor]:
+    """Per-group Gram matrices ``[G, g, g]`` of the inputs (float32), one per sequence of ``x`` (``[..., seq, K]``;
+    a 2-D input, e.g. an MoE expert's routed rows, gives one)."""
+    g = group_size if group_size > 0 else k
+    seqs = x.reshape(-1, x.shape[-2], k) if x.dim() >= 3 else x.reshape(1, -1, k)
+    for seq in seqs:
+        xg = seq.reshape(-1, k // g, g).float()
+        yield torch.einsum("tgi,tgj->gij", xg, xg)
+
+
 def group_gram(xs: Iterable[torch.Tensor], group_size: int, k: int) -> torch.Tensor:
     """Per-group Gram matrices ``[G, g, g]`` of the inputs, summed over every token (float32)."""
-    g = group_size if group_size > 0 else k
     gram = None
     for x in xs:
-        xg = x.reshape(-1, k // g, g).float()
-        part = torch.einsum("tgi,tgj->gij", xg, xg)
-        gram = part if gram is None else gram + part
+        for part in group_grams(x, group_size, k):
+            gram = part if gram is None else gram.add_(part)
     return gram
 
 

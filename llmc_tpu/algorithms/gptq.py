@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmc_tpu.engine.distributed import OrderedSum, Shard
 from llmc_tpu.tpu.chips import quantized_out_features
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat, round_half_away, tpu_grid
 
@@ -71,27 +72,43 @@ def clip_outlier_tokens(x: torch.Tensor, token_clip: float) -> torch.Tensor:
 class Hessian:
     """``H = 2/n sum x x^T`` over every row of every batch added (float32).
 
-    The sum is accumulated one sequence at a time, in the order the sequences come, and scaled only when
-    ``h`` is read: the same sequences give the same ``H`` bit for bit however they were split into batches
-    (GPTQ's column loop turns any difference in ``H``, even in the last bit, into different codes).
-    ``token_clip``: see ``clip_outlier_tokens`` (0 keeps every token as it is).
+    The sum is accumulated one sequence at a time and scaled only when ``h`` is read: the same sequences give
+    the same ``H`` bit for bit however they were split into batches (GPTQ's column loop turns any difference
+    in ``H``, even in the last bit, into different codes). With a ``shard`` (the pipeline's), sequences are
+    summed in the fixed order of ``engine.distributed`` and ``finish()`` adds the other processes' sums; without,
+    in the order they come. ``token_clip``: see ``clip_outlier_tokens`` (0 keeps every token as it is).
     """
 
-    def __init__(self, k: int, device: torch.device | str = "cpu", token_clip: float = 0.0) -> None:
-        self.sum = torch.zeros(k, k, dtype=torch.float32, device=device)
+    def __init__(self, k: int, device: torch.device | str = "cpu", token_clip: float = 0.0,
+                 shard: Shard | None = None) -> None:
+        self.device = torch.device(device)
+        # a plain running sum, or (with a shard) the ordered one until finish() puts its total here
+        self.sum = torch.zeros(k, k, dtype=torch.float32, device=device) if shard is None else None
         self.n = 0
         self.token_clip = token_clip
+        self.shard = shard
+        self.ordered = OrderedSum(shard, (k, k), torch.float32, device) if shard is not None else None
         self._h: torch.Tensor | None = None
 
     @property
     def h(self) -> torch.Tensor:
         if self._h is None:
+            if self.ordered is not None:
+                raise RuntimeError("Hessian.finish() first: the sum over the samples is not complete")
             self._h = self.sum * (2 / self.n) if self.n else torch.zeros_like(self.sum)
         return self._h
 
+    def finish(self) -> None:
+        """Complete the sum over every process's samples (every process calls it at the same point)."""
+        if self.ordered is not None:
+            self.sum = self.ordered.result()
+            self.n = self.shard.total(self.n)
+            self.ordered = None
+        self._h = None
+
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``[..., K]`` (``[batch, seq, K]``: per sequence, for the token clip and the order)."""
-        seqs = clip_outlier_tokens(sequences(x.to(self.sum.device)), self.token_clip)
+        seqs = clip_outlier_tokens(sequences(x.to(self.device)), self.token_clip)
         if seqs.numel() == 0:
             return
         # bf16/f16 values are exact in TF32, so on CUDA the fp32 product may use TF32 tensor cores unchanged
@@ -101,7 +118,8 @@ class Hessian:
         torch.backends.cuda.matmul.allow_tf32 = old or exact_tf32
         try:
             for seq in seqs.float():
-                self.sum.addmm_(seq.T, seq)
+                # (an MoE expert's rows, 2-D, are not one sample: see OrderedSum.slot)
+                (self.sum if self.ordered is None else self.ordered.slot(x.dim() >= 3)).addmm_(seq.T, seq)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
         self.n += seqs.shape[0] * seqs.shape[1]

@@ -15,8 +15,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmc_tpu.algorithms.awq import activation_mean, apply_clip, group_gram, search_clip, search_scale, weight_mean
+from llmc_tpu.algorithms.awq import (
+    activation_abs_sums,
+    apply_clip,
+    group_gram,
+    group_grams,
+    search_clip,
+    search_scale,
+    weight_mean,
+)
 from llmc_tpu.engine.blockwise import BlockInput, move
+from llmc_tpu.engine.distributed import OrderedSum, Shard
 from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.registry import Subset, part_rows
 from llmc_tpu.tpu.rtn import TpuWeightFormat, fake_quantize
@@ -177,6 +186,39 @@ class Prev:
             m.bias.data = (m.bias.data.float() / s).to(m.bias.dtype)
 
 
+def _sample_sums(err: torch.Tensor) -> torch.Tensor:
+    """A loss term summed per sample (``[bs, ...]`` outputs of one call; a 2-D output, an expert's rows: one)."""
+    return err.reshape(err.shape[0], -1).sum(dim=1) if err.dim() >= 3 else err.sum().reshape(1)
+
+
+def _by_sample(per_module: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+    """Per-sample sums of several modules as ``[samples, modules]`` (rows in sample order, whatever process holds
+    them); modules that saw different row counts (MoE experts: one process only) one after the other."""
+    cols = [torch.cat(v) for v in per_module.values()]
+    return torch.stack(cols, dim=1) if len({c.shape for c in cols}) == 1 else torch.cat(cols)
+
+
+def _gather(shard: Shard | None, rows: torch.Tensor) -> torch.Tensor:
+    """Every process's per-sample rows (one process: its own)."""
+    return rows if shard is None else shard.gather(rows)
+
+
+def _total(shard: Shard | None, count: int) -> int:
+    return count if shard is None else shard.total(count)
+
+
+def _gram(shard: Shard | None, xs: list[torch.Tensor], group_size: int, k: int) -> torch.Tensor:
+    """The per-group Gram matrices over every sample; with a shard, in the fixed order over every process."""
+    if shard is None:
+        return group_gram(xs, group_size, k)
+    g = group_size if group_size > 0 else k
+    total = OrderedSum(shard, (k // g, g, g), torch.float32, xs[0].device if xs else "cpu")
+    for x in xs:
+        for part in group_grams(x, group_size, k):
+            total.slot(x.dim() >= 3).add_(part)
+    return total.result()
+
+
 def scale_groups(subsets: tuple[Subset, ...]) -> list[list[Subset]]:
     """Subsets that fold into the same prev_op share one s (parallel blocks, MoE experts); order kept."""
     groups: dict[str, list[Subset]] = {}
@@ -249,23 +291,25 @@ class AwqMethod(Method):
         inspects = {s.inspect: block.get_submodule(s.inspect) for s in group}
         chunks = [(name, c) for name in inspects for call in calls[name] for c in call.chunks(sp["chunk_tokens"])]
         targets = [c.replay(inspects[name], c.x) for name, c in chunks]
-        n_elems = sum(t.numel() for t in targets)
+        n_elems = _total(ctx.shard, sum(t.numel() for t in targets))
         originals = [layer.weight.data.clone() for layer in layers]
         quantize = tpu_quantizer(fmt)
         prev = Prev.resolve(ctx, group[0].prev_op)
         smap = ScaleMap.between(prev.n_out(layers[0]), layers[0], ctx.head_dim)
 
-        x_mean = smap.reduce(activation_mean(c.x for c in calls[group[0].inspect]))
+        rows, tokens = activation_abs_sums(c.x for c in calls[group[0].inspect])
+        x_mean = smap.reduce(_gather(ctx.shard, rows).sum(dim=0) / _total(ctx.shard, tokens))
         w_mean = smap.reduce(weight_mean(originals, fmt.group_size)) if sp["trans_version"] == "v1" else None
 
         def loss_fn(s: torch.Tensor) -> float:
             s_in = smap.expand(s)
             for layer, w in zip(layers, originals):
                 layer.weight.data = (quantize(w.float() * s_in) / s_in).to(w.dtype)
-            total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+            per_sample: dict[str, list[torch.Tensor]] = {}  # per inspected module, one error sum per sample
             for (name, c), target in zip(chunks, targets):
-                total += (c.replay(inspects[name], c.x).float() - target.float()).pow(2).sum().double()
-            return float(total) / n_elems
+                per_sample.setdefault(name, []).append(
+                    _sample_sums((c.replay(inspects[name], c.x).float() - target.float()).pow(2)))
+            return float(_gather(ctx.shard, _by_sample(per_sample)).double().sum()) / n_elems
 
         try:
             result = search_scale(x_mean, w_mean, loss_fn, sp["n_grid"], sp["trans_version"])
@@ -295,7 +339,7 @@ class AwqMethod(Method):
                 uncalibrated += subset.layers
                 continue
             k = block.get_submodule(subset.layers[0]).in_features
-            gram = group_gram(xs, fmt.group_size, k)
+            gram = _gram(ctx.shard, xs, fmt.group_size, k)
             for name in names:
                 layer = block.get_submodule(name)
                 clip = search_clip(layer.weight.data, gram, quantize, sp["clip_sym"], sp["n_grid"], sp["max_shrink"])

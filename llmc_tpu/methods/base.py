@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from llmc_tpu.engine.blockwise import BlockInput
+from llmc_tpu.engine.distributed import Shard
 from llmc_tpu.models.registry import ModelSpec
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat
 
@@ -29,6 +30,9 @@ class BlockContext:
     # Methods that choose integer codes themselves (GPTQ) put their result here, keyed by the
     # Linear's name relative to the block; every other Linear gets TPU-MLIR's RTN of its float weight.
     results: dict[str, TpuQuantizedWeight] = field(default_factory=dict)
+    # The calibration samples this process holds among all of the run's (torchrun: a share); sums over the
+    # samples go through it so that they do not depend on the number of processes. None: plain sums.
+    shard: Shard | None = None
 
 
 class Method:

@@ -19,6 +19,7 @@ from torch import nn
 
 from llmc_tpu.algorithms.gptq import Hessian, gptq_quantize, output_error
 from llmc_tpu.engine.blockwise import BlockInput, move
+from llmc_tpu.engine.distributed import Shard
 from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.registry import Subset
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, fake_quantize
@@ -32,10 +33,11 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def collect_hessians(block: nn.Module, subsets: list[Subset], inputs: list[BlockInput], device: torch.device,
-                     stop_early: bool = False, token_clip: float = 0.0) -> dict[str, Hessian]:
+                     stop_early: bool = False, token_clip: float = 0.0, shard: Shard | None = None) -> dict[str, Hessian]:
     """Run the block on every batch and accumulate the Hessian of each subset's input (keyed by its first layer).
 
-    ``stop_early``: end each forward pass once the last subset's input is seen.
+    ``stop_early``: end each forward pass once the last subset's input is seen. ``shard``: the pipeline's
+    calibration samples of this process (sums in the fixed order, completed over every process).
     """
     hessians: dict[str, Hessian] = {}
     hooks = []
@@ -43,7 +45,7 @@ def collect_hessians(block: nn.Module, subsets: list[Subset], inputs: list[Block
     for subset in subsets:
         name = subset.layers[0]
         linear = block.get_submodule(name)
-        hessians[name] = Hessian(linear.in_features, device, token_clip)
+        hessians[name] = Hessian(linear.in_features, device, token_clip, shard)
 
         def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
             hessians[name].add(args[0])
@@ -62,6 +64,8 @@ def collect_hessians(block: nn.Module, subsets: list[Subset], inputs: list[Block
     finally:
         for h in hooks:
             h.remove()
+    for hessian in hessians.values():  # in the subsets' order, the same on every process
+        hessian.finish()
     return hessians
 
 
@@ -87,7 +91,7 @@ class GptqMethod(Method):
                     stages.setdefault(subset.stage, []).append(subset)
                 for stage in stages.values():
                     hessians = collect_hessians(block, stage, ctx.inputs, ctx.device, stop_early=len(stage) == 1,
-                                                token_clip=self.special["token_clip"])
+                                                token_clip=self.special["token_clip"], shard=ctx.shard)
                     for subset in stage:
                         t = time.perf_counter()
                         notes.append(self._solve(ctx, subset, hessians[subset.layers[0]]))
@@ -96,7 +100,8 @@ class GptqMethod(Method):
                             linear = block.get_submodule(name)
                             linear.weight.data = ctx.results[name].dequantize().to(linear.weight.device, linear.weight.dtype)
             else:
-                hessians = collect_hessians(block, list(subsets), ctx.inputs, ctx.device, token_clip=self.special["token_clip"])
+                hessians = collect_hessians(block, list(subsets), ctx.inputs, ctx.device, token_clip=self.special["token_clip"],
+                                            shard=ctx.shard)
                 t = time.perf_counter()
                 notes += [self._solve(ctx, s, hessians[s.layers[0]]) for s in subsets]
                 solving += time.perf_counter() - t

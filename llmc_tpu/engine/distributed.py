@@ -1,0 +1,235 @@
+"""Several processes over one run (``torchrun``): who holds which calibration samples, and sums over all of them
+that come out the same, bit for bit, whatever the number of processes.
+
+Under ``torchrun --nproc-per-node N`` every process loads the model and builds the same calibration samples,
+then keeps only its share: the samples are cut into ``PARTS`` equal parts in order, and process ``r`` of ``N``
+takes parts ``r * PARTS / N`` to ``(r + 1) * PARTS / N``. Each process runs every block over its own samples.
+
+What the methods compute from the samples (GPTQ's Hessians, AWQ's activation means, losses and Gram matrices)
+is a sum over samples. Floating-point sums depend on their order, and GPTQ turns a difference in the last bit
+of ``H`` into different codes, so every sum here is taken in one fixed order that does not depend on ``N``:
+
+- large statistics (a Hessian per sample would not fit): ``OrderedSum``, each part summed sample by sample, then
+  the parts added pairwise up a binary tree (``((p0 + p1) + (p2 + p3)) + ...``); a process sums the parts it
+  holds up to its own subtree, the processes' subtrees are exchanged and added up the rest of the tree.
+- small ones (a loss, a vector per sample): ``Shard.gather`` hands every process all the per-sample rows in
+  sample order; each then reduces the same tensor.
+
+One process (``N = 1``) takes the same sums, so N processes give the codes of one, given the same
+calibration batches (``calib.bs: -1`` cuts micro-batches inside the parts for exactly that reason).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+PARTS = 8  # the most processes a run can use; the tree over the parts fixes the order of every sum
+WORLD_SIZES = (1, 2, 4, 8)
+TIMEOUT = datetime.timedelta(hours=4)  # rank 0 evaluates and saves alone while the others wait
+
+log = logging.getLogger("llmc_tpu")
+
+
+class DistributedError(RuntimeError):
+    """A torchrun launch this run cannot use; the message says why."""
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the processes of the run (one process: rank 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """The process that evaluates, writes the outputs and reports."""
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def launched_ranks() -> Ranks:
+    """The ranks torchrun set in the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``); one process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Ranks(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_process_group(ranks: Ranks, device: torch.device) -> None:
+    """Join the run's process group: NCCL between GPUs, gloo between CPU processes."""
+    if ranks.world not in WORLD_SIZES:
+        raise DistributedError(f"torchrun --nproc-per-node {ranks.world}: a run uses 1, 2, 4 or 8 processes "
+                               f"(the calibration samples are cut into {PARTS} parts, shared equally)")
+    if ranks.world == 1 or dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
+                            **({"device_id": device} if device.type == "cuda" else {}))
+
+
+def close_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def parts(n: int) -> list[range]:
+    """The ``PARTS`` parts of ``n`` samples, in order (sizes differ by at most one; some empty when n < PARTS)."""
+    return [range(p * n // PARTS, (p + 1) * n // PARTS) for p in range(PARTS)]
+
+
+def micro_batches(n: int, size: int) -> list[range]:
+    """Batches of at most ``size`` samples that never straddle two parts: whatever process holds a part, its
+    samples go through a block in the same batches (and so the same kernels) as in a one-process run."""
+    return [range(a, min(a + size, part.stop)) for part in parts(n) for a in range(part.start, part.stop, size)]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The calibration samples of this process among ``n`` in all, and sums over all of them in the fixed order."""
+
+    n: int
+    ranks: Ranks = Ranks()
+
+    @property
+    def subtree(self) -> tuple[int, int]:
+        """(level, index) of this process's node in the tree over the parts (level 0: the parts themselves)."""
+        return (PARTS // self.ranks.world).bit_length() - 1, self.ranks.rank
+
+    def parts_of(self, rank: int) -> range:
+        per = PARTS // self.ranks.world
+        return range(rank * per, (rank + 1) * per)
+
+    def samples_of(self, rank: int) -> range:
+        owned = [parts(self.n)[p] for p in self.parts_of(rank)]
+        return range(owned[0].start, owned[-1].stop)
+
+    @property
+    def mine(self) -> range:
+        return self.samples_of(self.ranks.rank)
+
+    def part_of(self, sample: int) -> int:
+        for p, part in enumerate(parts(self.n)):
+            if sample in part:
+                return p
+        raise IndexError(f"sample {sample} of {self.n}")
+
+    def gather(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of this process's samples (per sample, in order) -> every process's, in process (= sample) order."""
+        if self.ranks.world == 1:
+            return rows
+        count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=_collective_device())
+        counts = [torch.empty_like(count) for _ in range(self.ranks.world)]
+        dist.all_gather(counts, count)
+        sizes = [int(c.item()) for c in counts]
+        pad = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+        pad[:rows.shape[0]] = rows
+        got = [torch.empty_like(pad) for _ in sizes]
+        dist.all_gather(got, pad)
+        return torch.cat([g[:k] for g, k in zip(got, sizes)])
+
+    def total(self, count: int) -> int:
+        """An integer summed over the processes (token counts)."""
+        if self.ranks.world == 1:
+            return count
+        t = torch.tensor([count], dtype=torch.int64, device=_collective_device())
+        dist.all_reduce(t)
+        return int(t.item())
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _add(nodes: dict[tuple[int, int], torch.Tensor], level: int, index: int, value: torch.Tensor) -> None:
+    """Put a node in; while its sibling is there, add the two (left + right) into their parent."""
+    while (level, index ^ 1) in nodes:
+        sibling = nodes.pop((level, index ^ 1))
+        left, right = (sibling, value) if index & 1 else (value, sibling)
+        value = left.add_(right)
+        level, index = level + 1, index // 2
+    nodes[(level, index)] = value
+
+
+def _fold(nodes: dict[tuple[int, int], torch.Tensor], level: int, index: int) -> torch.Tensor | None:
+    """The value of node (level, index): its own entry, else the sum of its children's (an absent child adds nothing)."""
+    if (level, index) in nodes:
+        return nodes.pop((level, index))
+    if level == 0:
+        return None
+    left, right = _fold(nodes, level - 1, 2 * index), _fold(nodes, level - 1, 2 * index + 1)
+    if left is None or right is None:
+        return right if left is None else left
+    return left.add_(right)
+
+
+class OrderedSum:
+    """The sum of one tensor per sample over every sample of the run, in the fixed order (see the module doc).
+
+    Samples come in order, this process's only: ``slot()`` gives the accumulator to add the next sample into
+    (in place, e.g. ``addmm_``), ``result()`` (called by every process at the same point) the total. Memory: at
+    most one accumulator per tree level (four with eight parts) while summing. ``slot(per_sample=False)``: an
+    accumulator for what is not one sample (the rows an MoE router sent to an expert), summed in the order it
+    comes (one process only).
+    """
+
+    def __init__(self, shard: Shard, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> None:
+        self.shard = shard
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.next = shard.mine.start
+        self.part: int | None = None
+        self.acc: torch.Tensor | None = None
+        self.nodes: dict[tuple[int, int], torch.Tensor] = {}
+        self.loose: torch.Tensor | None = None
+
+    def slot(self, per_sample: bool = True) -> torch.Tensor:
+        if not per_sample:
+            if self.shard.ranks.world > 1:
+                raise DistributedError("inputs that are not one row per calibration sample (an MoE expert's routed "
+                                       "tokens) cannot be summed over several processes in a fixed order")
+            if self.loose is None:
+                self.loose = torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            return self.loose
+        if self.next >= self.shard.mine.stop:
+            raise IndexError(f"more samples than this process holds ({len(self.shard.mine)})")
+        part = self.shard.part_of(self.next)
+        self.next += 1
+        if part != self.part:
+            self._close()
+            self.part, self.acc = part, torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return self.acc
+
+    def _close(self) -> None:
+        if self.acc is not None:
+            _add(self.nodes, 0, self.part, self.acc)
+            self.acc = None
+
+    def result(self) -> torch.Tensor:
+        self._close()
+        level, index = self.shard.subtree
+        mine = _fold(self.nodes, level, index)
+        if self.shard.ranks.world > 1:
+            held = torch.tensor([mine is not None], dtype=torch.int64, device=_collective_device())
+            flags = [torch.empty_like(held) for _ in range(self.shard.ranks.world)]
+            dist.all_gather(flags, held)
+            value = mine if mine is not None else torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+            got = [torch.empty_like(value) for _ in flags]
+            dist.all_gather(got, value.contiguous())
+            nodes = {(level, r): g for r, (g, f) in enumerate(zip(got, flags)) if int(f.item())}
+            mine = _fold(nodes, (PARTS.bit_length() - 1), 0)
+        if self.loose is not None:
+            mine = self.loose if mine is None else mine.add_(self.loose)
+        if mine is None:
+            return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+        return mine

@@ -1,0 +1,148 @@
+"""torchrun: the calibration samples shared over processes, sums in a fixed order, the codes of one process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+
+from llmc_tpu.engine.distributed import PARTS, OrderedSum, Ranks, Shard, micro_batches, parts
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_micro_batches_never_straddle_a_part():
+    for n, size in [(128, 64), (128, 5), (100, 13), (5, 4), (3, 1)]:
+        batches = micro_batches(n, size)
+        assert [i for b in batches for i in b] == list(range(n))  # every sample once, in order
+        assert all(len(b) <= size for b in batches)
+        owner = {i: p for p, part in enumerate(parts(n)) for i in part}
+        assert all(len({owner[i] for i in b}) == 1 for b in batches)
+
+
+def test_shares_are_whole_parts_in_order():
+    n = 100
+    for world in (1, 2, 4, 8):
+        shares = [Shard(n, Ranks(r, world)).mine for r in range(world)]
+        assert [i for s in shares for i in s] == list(range(n))
+        assert max(map(len, shares)) - min(map(len, shares)) <= PARTS // world  # balanced
+
+
+def _sequential(values: list[torch.Tensor]) -> torch.Tensor:
+    total = torch.zeros_like(values[0])
+    for v in values:
+        total += v
+    return total
+
+
+def test_one_process_sums_parts_then_pairs():
+    """The fixed order is a re-derivation: each part summed in order, then ((p0+p1)+(p2+p3))+((p4+p5)+(p6+p7))."""
+    g = torch.Generator().manual_seed(0)
+    for n in (37, 8, 5):
+        values = [torch.randn(16, 16, generator=g) * 10 ** torch.randint(-3, 4, (1,), generator=g).item()
+                  for _ in range(n)]
+        acc = OrderedSum(Shard(n), (16, 16), torch.float32, "cpu")
+        for v in values:
+            acc.slot().add_(v)
+        level = [_sequential([values[i] for i in part]) if len(part) else None for part in parts(n)]
+        while len(level) > 1:
+            pairs = zip(level[::2], level[1::2])
+            level = [a if b is None else b if a is None else a + b for a, b in pairs]
+        assert torch.equal(acc.result(), level[0])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ordered_sum_worker(rank: int, world: int, port: int, values: torch.Tensor, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        shard = Shard(values.shape[0], Ranks(rank, world))
+        acc = OrderedSum(shard, tuple(values.shape[1:]), values.dtype, "cpu")
+        for i in shard.mine:
+            acc.slot().add_(values[i])
+        total = acc.result()
+        rows = shard.gather(values[shard.mine.start:shard.mine.stop, 0])
+        if rank == 0:
+            torch.save({"total": total, "rows": rows}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_processes_get_the_one_process_sum_bit_for_bit(world, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    n = 45
+    scales = 10.0 ** torch.randint(-4, 5, (n, 1, 1), generator=g)
+    values = torch.randn(n, 24, 24, generator=g) * scales  # magnitudes far apart: order-sensitive in float32
+    one = OrderedSum(Shard(n), (24, 24), torch.float32, "cpu")
+    for v in values:
+        one.slot().add_(v)
+    expected = one.result()
+    out = tmp_path / "total.pt"
+    mp.spawn(_ordered_sum_worker, args=(world, _free_port(), values, str(out)), nprocs=world, join=True)
+    got = torch.load(out)
+    assert torch.equal(got["total"], expected)
+    assert torch.equal(got["rows"], values[:, 0])  # gathered in sample order
+    assert not torch.equal(_sequential(list(values)), expected)  # the order matters for these values
+
+
+def _config(model: Path, calib: Path, save: Path, method: str) -> dict:
+    return {
+        "model": {"path": str(model)},
+        "calib": {"name": "custom_txt", "path": str(calib), "n_samples": 16, "seq_len": 64, "bs": -1},
+        "eval": {"eval_pos": []},
+        "quant": {"method": method, "quant_out": True},
+        "save": {"save_path": str(save), **({"save_trans": True} if method == "Awq" else {})},
+        "run": {"device": "cpu"},
+    }
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("method", ["GPTQ", "Awq"])
+def test_torchrun_two_processes_write_the_one_process_outputs(method, tiny_llama, eval_txt, tmp_path):
+    """``torchrun --nproc-per-node 2 tpu/llm_quant.py`` (gloo on the CPU) against one process: the same bytes."""
+    folders = {}
+    for procs in (1, 2):
+        save = tmp_path / f"out{procs}"
+        cfg = tmp_path / f"cfg{procs}.yml"
+        cfg.write_text(yaml.safe_dump(_config(tiny_llama, eval_txt, save, method)))
+        entry = [str(REPO / "tpu" / "llm_quant.py"), "-q", "--config", str(cfg)]
+        cmd = [sys.executable, *entry] if procs == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *entry]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        calib = json.loads((save / "report.json").read_text())["data"]["calib"]
+        assert calib.get("samples_per_process", 16) == 16 // procs  # rank 0 held half of the samples
+        folders[procs] = save / ("gptq_tpu_model" if method == "GPTQ" else "transformed_model")
+    assert _digests(folders[1]) and _digests(folders[1]) == _digests(folders[2])
+
+
+def test_torchrun_refuses_what_runs_in_one_process(tiny_llama, eval_txt, tmp_path, monkeypatch):
+    from llmc_tpu.config import parse_config
+    from llmc_tpu.pipeline import PipelineError, check_distributed
+
+    cfg = parse_config(_config(tiny_llama, eval_txt, tmp_path / "x", "SignRound"))
+    with pytest.raises(PipelineError, match="SignRound's optimizer runs in one process"):
+        check_distributed(cfg, Ranks(0, 2), resume=False)
+    with pytest.raises(PipelineError, match="1, 2, 4 or 8 processes"):
+        check_distributed(parse_config(_config(tiny_llama, eval_txt, tmp_path / "x", "GPTQ")), Ranks(0, 3), False)
+    with pytest.raises(PipelineError, match="--resume"):
+        check_distributed(parse_config(_config(tiny_llama, eval_txt, tmp_path / "x", "GPTQ")), Ranks(0, 2), True)
