@@ -101,10 +101,10 @@ class RtnSpecial(Section):
 class SignRoundSpecial(Section):
     """Rounding offsets and min/max shrink per group, learned by signed gradient descent on each block's output."""
 
-    iters: int = Field(200, ge=0, description="optimizer steps per block (0: TPU-MLIR's RTN codes)")
+    iters: int = Field(50, ge=0, description="optimizer steps per block (0: TPU-MLIR's RTN codes)")
     lr: float | None = Field(None, gt=0, description="step size; default 1 / iters")
     lr_decay: bool = Field(True, description="step size decays linearly to 0")
-    batch_size: int = Field(8, gt=0, description="calibration samples per step")
+    batch_size: int = Field(32, gt=0, description="calibration samples per step")
     min_max_tune: bool = Field(True, description="also learn the groups' min/max shrink (else rounding only)")
     seed: int = Field(0, description="sample order; block i uses seed + i")
 

@@ -20,8 +20,8 @@ step's sample indices and RTN loss), the fake-quantizer stacks all Linears of a 
 elementwise ops on precomputed groups and min/max, the parameters are one flat tensor (one update), the best
 step is tracked on the device, and nothing in the loop waits for the device.
 
-``special`` keys: ``iters`` (200), ``lr`` (None: 1 / iters), ``lr_decay`` (True: linear to 0 over the
-iterations), ``batch_size`` (8 calibration samples per step), ``min_max_tune`` (True: train alpha/beta;
+``special`` keys: ``iters`` (50), ``lr`` (None: 1 / iters), ``lr_decay`` (True: linear to 0 over the
+iterations), ``batch_size`` (32 calibration samples per step), ``min_max_tune`` (True: train alpha/beta;
 False: only the rounding), ``seed`` (0; block i draws its samples with seed + i).
 """
 
