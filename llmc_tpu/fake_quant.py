@@ -34,7 +34,8 @@ def quantize_block(block: nn.Module, spec: ModelSpec, fmt: TpuWeightFormat, pref
 
 
 def fake_quant_weight(result: TpuQuantizedWeight, like: torch.Tensor) -> torch.Tensor:
-    return result.dequantize().to(device=like.device, dtype=like.dtype)
+    """What the TPU multiplies with, dequantized where ``like`` lives (a GPU block: on the GPU), in its dtype."""
+    return result.to(like.device).dequantize().to(like.dtype)
 
 
 def apply_fake_quant(model: nn.Module, results: QuantResults) -> None:

@@ -254,8 +254,9 @@ class Quantizer:
         for i, block in enumerate(self._bar(blocks, desc=f"{method.name} blocks", unit="block")):
             prefix = f"{spec.blocks}.{i}"
             if i < self.ckpt.done_blocks:  # finished before an interruption: restore, only recompute its outputs
-                block_results = self.ckpt.restore_block(i, block)
+                chosen = self.ckpt.restore_block(i, block)
                 block.to(self.device)
+                block_results = quantize_block(block, spec, self.fmt, prefix, chosen)
             else:
                 with split("transfer"):
                     block.to(self.device)
@@ -269,7 +270,8 @@ class Quantizer:
                 with split("tpu rtn"):
                     block_results = quantize_block(block, spec, self.fmt, prefix, ctx.results)
                 with split("checkpoint"):
-                    self.ckpt.save_block(i, block, block_results, {"block": i, **ctx.report} if ctx.report else {})
+                    self.ckpt.save_block(i, block if method.changes_weights else None, ctx.results,
+                                         {"block": i, **ctx.report} if ctx.report else {})
             results.update(block_results)
             if inputs is not None and i + 1 < len(blocks):
                 with split("next block inputs"):

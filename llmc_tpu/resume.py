@@ -1,10 +1,12 @@
 """Per-block checkpoints under the output's temp folder, so ``--resume`` continues a killed run.
 
-After each block the block's transformed float weights and its quantization results are
-written (safetensors; ``state.json`` last, so a block counts as done only once both files are
-complete). A resumed run restores the finished blocks, recomputes the next block's inputs by
-running the restored blocks (deterministic), and goes on: its outputs are bit-identical to an
-uninterrupted run's.
+After each block, what cannot be recomputed from the model folder is written (safetensors;
+``state.json`` last, so a block counts as done only once its files are complete): the block's
+float weights where the method changed them (AWQ), and the codes the method chose itself (GPTQ,
+SignRound); TPU-MLIR's RTN of the other Linears is recomputed from the weights on resumption. A
+resumed run restores the finished blocks, recomputes the next block's inputs by running the
+restored blocks (deterministic), and goes on: its outputs are bit-identical to an uninterrupted
+run's.
 """
 
 from __future__ import annotations
@@ -80,9 +82,12 @@ class Checkpoints:
         return self.state["evals"][pos], (load_file(str(f)) if f.exists() else {})
 
     # -- blocks ----------------------------------------------------------------------------------
-    def save_block(self, index: int, block: nn.Module, results: QuantResults, report: dict[str, Any]) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()},
-                  str(self.folder / f"block_{index}.safetensors"))
+    def save_block(self, index: int, block: nn.Module | None, results: QuantResults, report: dict[str, Any]) -> None:
+        """``block``: its float weights, or None where they are the model folder's; ``results``: the codes the
+        method chose (the other Linears' RTN is recomputed on resumption)."""
+        if block is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()},
+                      str(self.folder / f"block_{index}.safetensors"))
         tensors, meta = {}, {}
         for name, r in results.items():
             for field in _TENSORS:
@@ -94,7 +99,10 @@ class Checkpoints:
         self._commit()
 
     def restore_block(self, index: int, block: nn.Module) -> QuantResults:
-        block.load_state_dict(load_file(str(self.folder / f"block_{index}.safetensors")))
+        """The block's saved float weights put back (if it has any) and the codes its method chose."""
+        weights = self.folder / f"block_{index}.safetensors"
+        if weights.exists():
+            block.load_state_dict(load_file(str(weights)))
         path = str(self.folder / f"results_{index}.safetensors")
         from safetensors import safe_open
 
@@ -119,5 +127,5 @@ class NoCheckpoints:
     def load_eval(self, pos: str) -> None:
         return None
 
-    def save_block(self, index: int, block: nn.Module, results: QuantResults, report: dict[str, Any]) -> None:
+    def save_block(self, index: int, block: nn.Module | None, results: QuantResults, report: dict[str, Any]) -> None:
         self.state["block_reports"].append(report)

@@ -48,6 +48,13 @@ def sequences(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1]) if x.dim() >= 3 else x.reshape(1, -1, x.shape[-1])
 
 
+def token_factors(seqs: torch.Tensor, token_clip: float) -> torch.Tensor:
+    """Per token of ``seqs`` (``[n_seq, seq, K]``) the factor ``clip_outlier_tokens`` scales it by (1: kept)."""
+    sq = seqs.float().square().sum(-1)  # [n_seq, seq]
+    cap = token_clip * sq.median(dim=1, keepdim=True).values
+    return torch.where(sq > cap, (cap / sq.clamp_min(torch.finfo(torch.float32).tiny)).sqrt(), torch.ones_like(sq))
+
+
 def clip_outlier_tokens(x: torch.Tensor, token_clip: float) -> torch.Tensor:
     """Scale down tokens whose squared norm exceeds ``token_clip`` times their sequence's median.
 
@@ -63,10 +70,7 @@ def clip_outlier_tokens(x: torch.Tensor, token_clip: float) -> torch.Tensor:
     if token_clip <= 0 or x.numel() == 0:
         return x
     seqs = sequences(x)
-    sq = seqs.float().square().sum(-1)  # [n_seq, seq]
-    cap = token_clip * sq.median(dim=1, keepdim=True).values
-    factor = torch.where(sq > cap, (cap / sq.clamp_min(torch.finfo(torch.float32).tiny)).sqrt(), torch.ones_like(sq))
-    return (seqs.float() * factor[..., None]).reshape(x.shape)
+    return (seqs.float() * token_factors(seqs, token_clip)[..., None]).reshape(x.shape)
 
 
 class Hessian:
@@ -107,19 +111,35 @@ class Hessian:
         self._h = None
 
     def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs ``[..., K]`` (``[batch, seq, K]``: per sequence, for the token clip and the order)."""
-        seqs = clip_outlier_tokens(sequences(x.to(self.device)), self.token_clip)
+        """Add a batch of inputs ``[..., K]`` (``[batch, seq, K]``: per sequence, for the token clip and the order).
+
+        Each sequence adds ``x^T x`` of its tokens as they are, plus that of its clipped tokens scaled down. On
+        CUDA the first product may use TF32 tensor cores when the inputs are bf16/f16: their values are exact in
+        TF32 and the products exact in fp32, so only the order of the fp32 sums differs from plain fp32 (several
+        times faster for a 7B model's down_proj). The few clipped tokens are no longer bf16 values: plain fp32.
+        """
+        seqs = sequences(x.to(self.device))
         if seqs.numel() == 0:
             return
-        # bf16/f16 values are exact in TF32, so on CUDA the fp32 product may use TF32 tensor cores unchanged
-        # (a clipped batch is float32 already and keeps full fp32 precision)
+        factors = token_factors(seqs, self.token_clip) if self.token_clip > 0 else None
         exact_tf32 = seqs.dtype in (torch.bfloat16, torch.float16) and seqs.is_cuda
         old = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = old or exact_tf32
         try:
-            for seq in seqs.float():
+            for i, seq in enumerate(seqs):
                 # (an MoE expert's rows, 2-D, are not one sample: see OrderedSum.slot)
-                (self.sum if self.ordered is None else self.ordered.slot(x.dim() >= 3)).addmm_(seq.T, seq)
+                acc = self.sum if self.ordered is None else self.ordered.slot(x.dim() >= 3)
+                clipped = None
+                if factors is not None:
+                    kept = factors[i] == 1
+                    if not bool(kept.all()):
+                        clipped = seq[~kept].float() * factors[i][~kept, None]
+                        seq = seq[kept]
+                seq = seq.float()
+                torch.backends.cuda.matmul.allow_tf32 = old or exact_tf32
+                acc.addmm_(seq.T, seq)
+                if clipped is not None:
+                    torch.backends.cuda.matmul.allow_tf32 = old
+                    acc.addmm_(clipped.T, clipped)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = old
         self.n += seqs.shape[0] * seqs.shape[1]

@@ -234,6 +234,7 @@ def scale_groups(subsets: tuple[Subset, ...]) -> list[list[Subset]]:
 class AwqMethod(Method):
     name = "Awq"
     needs_calibration = True
+    changes_weights = True
 
     def process_block(self, ctx: BlockContext) -> None:
         sp = self.special

@@ -40,6 +40,7 @@ class Method:
 
     name = "base"
     needs_calibration = False
+    changes_weights = False  # whether process_block leaves other float weights than it found (AWQ's scales)
 
     def __init__(self, special: dict[str, Any]) -> None:
         self.special = special

@@ -20,6 +20,7 @@ from torch import nn
 from llmc_tpu.algorithms.gptq import Hessian, gptq_quantize, output_error
 from llmc_tpu.engine.blockwise import BlockInput, move
 from llmc_tpu.engine.distributed import Shard
+from llmc_tpu.fake_quant import fake_quant_weight
 from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.registry import Subset
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, fake_quantize
@@ -98,7 +99,7 @@ class GptqMethod(Method):
                         solving += time.perf_counter() - t
                         for name in subset.layers:  # the next stages see this one quantized
                             linear = block.get_submodule(name)
-                            linear.weight.data = ctx.results[name].dequantize().to(linear.weight.device, linear.weight.dtype)
+                            linear.weight.data = fake_quant_weight(ctx.results[name], linear.weight)
             else:
                 hessians = collect_hessians(block, list(subsets), ctx.inputs, ctx.device, token_clip=self.special["token_clip"],
                                             shard=ctx.shard)

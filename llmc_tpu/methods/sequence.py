@@ -17,6 +17,7 @@ class MethodSequence(Method):
         self.steps = steps
         self.name = "+".join(step.name for step in steps)
         self.needs_calibration = any(step.needs_calibration for step in steps)
+        self.changes_weights = any(step.changes_weights for step in steps)
 
     def process_block(self, ctx: BlockContext) -> None:
         for step in self.steps:

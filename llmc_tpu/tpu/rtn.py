@@ -22,6 +22,7 @@ left with no integer rows is quantized all the same and folded back into a float
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +105,11 @@ class TpuQuantizedWeight:
     @property
     def group_size(self) -> int:
         return self.codes.shape[1] // self.scale.shape[1] if self.n_quantized else 0
+
+    def to(self, device: torch.device | str) -> TpuQuantizedWeight:
+        """The same result with its tensors on ``device`` (dequantize there: the same values, elementwise fp32)."""
+        return dataclasses.replace(self, codes=self.codes.to(device), scale=self.scale.to(device),
+                                   zero=self.zero.to(device), float_rows=self.float_rows.to(device))
 
     @property
     def stored_scale(self) -> torch.Tensor:

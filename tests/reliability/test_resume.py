@@ -10,18 +10,19 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from tiny_models import TEXT, make_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def config(model: Path, data: Path, save: Path) -> dict:
+def config(model: Path, data: Path, save: Path, method: str) -> dict:
     return {"model": {"path": str(model), "torch_dtype": "float32"},
             "calib": {"name": "custom_txt", "path": str(data), "n_samples": 8, "seq_len": 64, "bs": 2},
             "eval": {"name": "custom_ppl", "path": str(data), "seq_len": 64, "bs": 4,
                      "eval_pos": ["pretrain", "fake_quant"], "eval_token_consist": True},
-            "quant": {"method": "Awq", "quant_out": True}, "save": {"save_path": str(save), "save_fake": True}}
+            "quant": {"method": method, "quant_out": True}, "save": {"save_path": str(save), "save_fake": True}}
 
 
 def start(cfg_file: Path, *extra: str) -> subprocess.Popen:
@@ -29,14 +30,15 @@ def start(cfg_file: Path, *extra: str) -> subprocess.Popen:
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("method", ["Awq", "GPTQ"])  # checkpoints: AWQ's changed weights; GPTQ's codes alone
+def test_sigkill_then_resume_is_bit_identical(method, tmp_path):
     model = make_tiny_model(tmp_path / "m", "llama", layers=6, dtype=torch_float32())
     data = tmp_path / "data.txt"
     data.write_text(TEXT.replace(". ", ".\n"), encoding="utf-8")
     runs = {}
     for name in ("whole", "killed"):
         cfg_file = tmp_path / f"{name}.yml"
-        cfg_file.write_text(yaml.safe_dump(config(model, data, tmp_path / name)))
+        cfg_file.write_text(yaml.safe_dump(config(model, data, tmp_path / name, method)))
         runs[name] = cfg_file
 
     whole = start(runs["whole"])
