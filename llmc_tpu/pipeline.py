@@ -186,7 +186,11 @@ class Quantizer:
                     self.report.onnx = save_onnx(loaded.model, loaded.spec, out.path("onnx"), self.fmt, cfg.run.seq_length,
                                                  loaded.model_type, progress=self._bar)
                 self.report.outputs["onnx"] = str(out.final / "onnx")
-            apply_fake_quant(loaded.model, {**results, **self.vision_results})
+            # the handoffs take the language Linears from the results; the fake-quant weights are for the fake_quant
+            # eval, fake_quant_model/ and the vision tower's fake quant (written as float weights)
+            if "fake_quant" in cfg.eval.eval_pos or cfg.save.save_fake or self.vision_results:
+                with self.timer("fake quant"):
+                    apply_fake_quant(loaded.model, {**results, **self.vision_results})
             self._evaluate("fake_quant", loaded, eval_windows, preds)
             if cfg.save.save_fake:
                 with self.timer("save"):

@@ -1,10 +1,11 @@
 """How many calibration samples one block forward may take at once, from the device's free memory.
 
-``calib.bs: -1`` asks for every sample in one batch. That is what small models get; a large model's block
-over 128 x 2048 tokens materializes gigabytes of attention and MLP intermediates, so the samples are then
-split into micro-batches that fit. The statistics the methods collect (GPTQ's Hessians, AWQ's losses,
-SignRound's samples) are accumulated over batches, so the split does not change what they compute.
-An explicit ``calib.bs`` is always used as given.
+``calib.bs: -1`` asks for batches as large as the device allows: a large model's block over 128 x 2048
+tokens materializes gigabytes of attention and MLP intermediates, so the samples are split into
+micro-batches that fit (and, in the pipeline, never larger than one part of ``engine.distributed``'s fixed
+summing order). The statistics the methods collect (GPTQ's Hessians, AWQ's losses, SignRound's samples)
+are accumulated per sample, so the split does not change what they compute. An explicit ``calib.bs`` is
+used as given (within the parts).
 """
 
 from __future__ import annotations
