@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ log = logging.getLogger("llmc_tpu")
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
+    quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # torchrun: rank 0 speaks for the run
     level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("transformers", "datasets", "huggingface_hub"):
@@ -58,7 +60,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    report = Quantizer(cfg, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume).run()
+    quantizer = Quantizer(cfg, overwrite=args.overwrite, progress=not args.quiet, resume=args.resume)
+    if not quantizer.ranks.main:  # torchrun: the other processes share the calibration work; rank 0 reports
+        quantizer.progress = False
+        quantizer.run()
+        return EXIT_OK
+    report = quantizer.run()
     print(report.summary())
     return EXIT_EXPORT_FAILED if report.failed_exports else EXIT_OK
 

@@ -67,6 +67,9 @@ def pick_device(name: str, ranks: Ranks | None = None) -> torch.device:
             raise PipelineError(f"torchrun started {ranks.world} processes on this host but it has "
                                 f"{torch.cuda.device_count()} GPU(s); use --nproc-per-node {torch.cuda.device_count()}")
         return torch.device("cuda", ranks.local_rank)
+    if ranks is not None and ranks.world > 1 and name.startswith("cuda:"):
+        raise PipelineError(f"run.device {name!r} under torchrun: every process would take that GPU; use auto or "
+                            "cuda (each process takes the GPU of its LOCAL_RANK)")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -129,6 +129,7 @@ def test_torchrun_two_processes_write_the_one_process_outputs(method, tiny_llama
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.count("outputs:") == 1  # one summary: rank 0's
         calib = json.loads((save / "report.json").read_text())["data"]["calib"]
         assert calib.get("samples_per_process", 16) == 16 // procs  # rank 0 held half of the samples
         folders[procs] = save / ("gptq_tpu_model" if method == "GPTQ" else "transformed_model")
@@ -146,3 +147,16 @@ def test_torchrun_refuses_what_runs_in_one_process(tiny_llama, eval_txt, tmp_pat
         check_distributed(parse_config(_config(tiny_llama, eval_txt, tmp_path / "x", "GPTQ")), Ranks(0, 3), False)
     with pytest.raises(PipelineError, match="--resume"):
         check_distributed(parse_config(_config(tiny_llama, eval_txt, tmp_path / "x", "GPTQ")), Ranks(0, 2), True)
+
+
+def test_torchrun_gives_each_process_its_own_gpu(monkeypatch):
+    from llmc_tpu.pipeline import PipelineError, pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("auto", Ranks(1, 2, local_rank=1)) == torch.device("cuda", 1)
+    assert pick_device("cuda", Ranks(0, 2, local_rank=0)) == torch.device("cuda", 0)
+    with pytest.raises(PipelineError, match="every process would take that GPU"):
+        pick_device("cuda:1", Ranks(0, 2))
+    with pytest.raises(PipelineError, match="--nproc-per-node 2"):
+        pick_device("auto", Ranks(3, 4, local_rank=3))
