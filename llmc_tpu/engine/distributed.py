@@ -32,6 +32,9 @@ import torch.distributed as dist
 PARTS = 8  # the most processes a run can use; the tree over the parts fixes the order of every sum
 WORLD_SIZES = (1, 2, 4, 8)
 TIMEOUT = datetime.timedelta(hours=4)  # rank 0 evaluates and saves alone while the others wait
+# finished parts of a sum at least this large wait in host memory (a 70B down_proj Hessian is 3.3 GB): only the
+# part being summed stays on the device; fp32 additions are exactly rounded on either, so the bits are the same
+HOST_NODE_BYTES = 1 << 30
 
 log = logging.getLogger("llmc_tpu")
 
@@ -179,7 +182,8 @@ class OrderedSum:
 
     Samples come in order, this process's only: ``slot()`` gives the accumulator to add the next sample into
     (in place, e.g. ``addmm_``), ``result()`` (called by every process at the same point) the total. Memory: at
-    most one accumulator per tree level (four with eight parts) while summing. ``slot(per_sample=False)``: an
+    most one accumulator per tree level (four with eight parts) while summing; finished parts of at least
+    ``HOST_NODE_BYTES`` wait in host memory, so the device holds one. ``slot(per_sample=False)``: an
     accumulator for what is not one sample (the rows an MoE router sent to an expert), summed in the order it
     comes (one process only).
     """
@@ -212,13 +216,18 @@ class OrderedSum:
 
     def _close(self) -> None:
         if self.acc is not None:
-            _add(self.nodes, 0, self.part, self.acc)
+            acc = self.acc
+            if acc.device.type != "cpu" and acc.numel() * acc.element_size() >= HOST_NODE_BYTES:
+                acc = acc.cpu()
+            _add(self.nodes, 0, self.part, acc)
             self.acc = None
 
     def result(self) -> torch.Tensor:
         self._close()
         level, index = self.shard.subtree
         mine = _fold(self.nodes, level, index)
+        if mine is not None:
+            mine = mine.to(self.device)
         if self.shard.ranks.world > 1:
             held = torch.tensor([mine is not None], dtype=torch.int64, device=_collective_device())
             flags = [torch.empty_like(held) for _ in range(self.shard.ranks.world)]
