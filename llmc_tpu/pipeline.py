@@ -102,6 +102,12 @@ def _head_dim(config) -> int:
     return head_dim or config.hidden_size // config.num_attention_heads
 
 
+def samples_lead(inputs: list[BlockInput], batches: list) -> bool:
+    """Whether the blocks take their inputs batch-first, one row per calibration sample (``[bs, seq, ...]``)."""
+    return all(isinstance(b, torch.Tensor) and tuple(inp.hidden.shape[:2]) == tuple(b.shape[:2])
+               for inp, b in zip(inputs, batches))
+
+
 def check_distributed(cfg: RunConfig, ranks: Ranks, resume: bool) -> None:
     """What a torchrun launch cannot run (yet), said before any work."""
     if ranks.world == 1:
@@ -330,7 +336,14 @@ class Quantizer:
                                       next(loaded.model.parameters()).element_size())
             info["inputs_on"] = str(store)  # between blocks: the device while they fit, else (pinned) host memory
             self.report.data["calib"] = info
-            return capture_block_inputs(loaded.model, loaded.spec, batches, store_device=store)
+            inputs = capture_block_inputs(loaded.model, loaded.spec, batches, store_device=store)
+            if self.shard is not None and not samples_lead(inputs, batches):
+                # blocks that take [seq, batch, ...] (ChatGLM): no row per sample to sum in the fixed order
+                if self.ranks.world > 1:
+                    raise PipelineError(f"torchrun: {loaded.spec.display_name}'s blocks take their inputs sequence-first, "
+                                        "so the calibration samples cannot be shared over processes; run one process")
+                self.shard = None
+            return inputs
 
     def _eval_windows(self, loaded: LoadedModel) -> dict[str, torch.Tensor]:
         ev = self.cfg.eval

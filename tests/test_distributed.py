@@ -160,3 +160,17 @@ def test_torchrun_gives_each_process_its_own_gpu(monkeypatch):
         pick_device("cuda:1", Ranks(0, 2))
     with pytest.raises(PipelineError, match="--nproc-per-node 2"):
         pick_device("auto", Ranks(3, 4, local_rank=3))
+
+
+def test_sums_in_the_fixed_order_need_one_row_per_sample():
+    from llmc_tpu.engine.blockwise import BlockInput
+    from llmc_tpu.pipeline import samples_lead
+
+    ids = [torch.zeros(2, 16, dtype=torch.long), torch.zeros(1, 16, dtype=torch.long)]
+    batch_first = [BlockInput(torch.zeros(2, 16, 8)), BlockInput(torch.zeros(1, 16, 8))]
+    seq_first = [BlockInput(torch.zeros(16, 2, 8)), BlockInput(torch.zeros(16, 1, 8))]  # ChatGLM's layout
+    assert samples_lead(batch_first, ids) and not samples_lead(seq_first, ids)
+    with pytest.raises(IndexError, match="more samples than this process holds"):  # what the check prevents
+        acc = OrderedSum(Shard(3), (1,), torch.float32, "cpu")
+        for _ in range(16):
+            acc.slot()
