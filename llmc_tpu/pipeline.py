@@ -233,13 +233,22 @@ class Quantizer:
             shutil.rmtree(out.path(RESUME_FOLDER))
             out.commit()
         except KeyboardInterrupt:
+            self._settle_checkpoints()
             raise  # keep the checkpoints: --resume continues from the last finished block
         except BaseException:
+            self._settle_checkpoints()
             out.discard()
             raise
         finally:
             close_process_group()
         return self.report
+
+    def _settle_checkpoints(self) -> None:
+        """A failing run lets the block being written finish (it counts for --resume) before anything is removed."""
+        try:
+            self.ckpt.wait()
+        except Exception as exc:  # the run's own error is the one to report
+            log.warning("the last block's checkpoint was not written: %s", exc)
 
     def _run_helper(self) -> RunReport:
         """Another process of a torchrun launch: its share of the calibration samples through every block (the
@@ -296,6 +305,8 @@ class Quantizer:
                 check_finite_outputs(inputs, prefix)
             with split("transfer"):
                 block.to("cpu")
+        with split("checkpoint"):
+            self.ckpt.wait()  # the last block's files
         for name, seconds in split.times.items():
             self.timer.times[f"quantize: {name}"] = seconds
         per_block = [r for r in self.ckpt.state["block_reports"] if r]

@@ -6,7 +6,8 @@ float weights where the method changed them (AWQ), and the codes the method chos
 SignRound); TPU-MLIR's RTN of the other Linears is recomputed from the weights on resumption. A
 resumed run restores the finished blocks, recomputes the next block's inputs by running the
 restored blocks (deterministic), and goes on: its outputs are bit-identical to an uninterrupted
-run's.
+run's. The files of a block are written by a background thread while the next block runs (its
+tensors are copied to host memory first); ``wait()`` returns once every write has landed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +61,8 @@ class Checkpoints:
                                   f"({folder.parent}) or run with the same config")
         else:
             self.state = {"fingerprint": self.fp, "done_blocks": 0, "evals": {}, "block_reports": []}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmc_tpu-checkpoint")
+        self._pending: Future | None = None
 
     @property
     def done_blocks(self) -> int:
@@ -84,19 +88,31 @@ class Checkpoints:
     # -- blocks ----------------------------------------------------------------------------------
     def save_block(self, index: int, block: nn.Module | None, results: QuantResults, report: dict[str, Any]) -> None:
         """``block``: its float weights, or None where they are the model folder's; ``results``: the codes the
-        method chose (the other Linears' RTN is recomputed on resumption)."""
-        if block is not None:
-            save_file({k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()},
-                      str(self.folder / f"block_{index}.safetensors"))
+        method chose (the other Linears' RTN is recomputed on resumption). Returns once the tensors are copied;
+        the files are written in the background (one block at a time, ``state.json`` last)."""
+        weights = None if block is None else {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         tensors, meta = {}, {}
         for name, r in results.items():
             for field in _TENSORS:
-                tensors[f"{name}::{field}"] = getattr(r, field).contiguous()
+                tensors[f"{name}::{field}"] = getattr(r, field).detach().cpu().contiguous()
             meta[name] = {"signed": r.signed, "folded": r.folded, "fmt": r.fmt.__dict__}
+        self.wait()
+        self._pending = self._writer.submit(self._write_block, index, weights, tensors, meta, report)
+
+    def _write_block(self, index: int, weights: dict[str, torch.Tensor] | None, tensors: dict[str, torch.Tensor],
+                     meta: dict[str, Any], report: dict[str, Any]) -> None:
+        if weights is not None:
+            save_file(weights, str(self.folder / f"block_{index}.safetensors"))
         save_file(tensors, str(self.folder / f"results_{index}.safetensors"), metadata={"meta": json.dumps(meta)})
         self.state["done_blocks"] = index + 1
         self.state["block_reports"].append(report)
         self._commit()
+
+    def wait(self) -> None:
+        """Until the last block's files and state are written (raises what the writer raised)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
 
     def restore_block(self, index: int, block: nn.Module) -> QuantResults:
         """The block's saved float weights put back (if it has any) and the codes its method chose."""
@@ -129,3 +145,6 @@ class NoCheckpoints:
 
     def save_block(self, index: int, block: nn.Module | None, results: QuantResults, report: dict[str, Any]) -> None:
         self.state["block_reports"].append(report)
+
+    def wait(self) -> None:
+        pass
