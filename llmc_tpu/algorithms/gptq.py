@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmc_tpu.engine.distributed import OrderedSum, Shard
+from llmc_tpu.engine.distributed import Shard, sample_sum
 from llmc_tpu.tpu.chips import quantized_out_features
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat, round_half_away, tpu_grid
 
@@ -86,28 +86,29 @@ class Hessian:
     def __init__(self, k: int, device: torch.device | str = "cpu", token_clip: float = 0.0,
                  shard: Shard | None = None) -> None:
         self.device = torch.device(device)
-        # a plain running sum, or (with a shard) the ordered one until finish() puts its total here
-        self.sum = torch.zeros(k, k, dtype=torch.float32, device=device) if shard is None else None
-        self.n = 0
         self.token_clip = token_clip
         self.shard = shard
-        self.ordered = OrderedSum(shard, (k, k), torch.float32, device) if shard is not None else None
+        self.acc = sample_sum(shard, (k, k), torch.float32, device)
+        self.sum: torch.Tensor | None = None  # the total over every sample, once finish() has run
+        self.n = 0
         self._h: torch.Tensor | None = None
 
     @property
     def h(self) -> torch.Tensor:
         if self._h is None:
-            if self.ordered is not None:
-                raise RuntimeError("Hessian.finish() first: the sum over the samples is not complete")
+            if self.sum is None:
+                if self.shard is not None:
+                    raise RuntimeError("Hessian.finish() first: the sum over the samples is not complete")
+                self.finish()  # a running total: its current value
             self._h = self.sum * (2 / self.n) if self.n else torch.zeros_like(self.sum)
         return self._h
 
     def finish(self) -> None:
-        """Complete the sum over every process's samples (every process calls it at the same point)."""
-        if self.ordered is not None:
-            self.sum = self.ordered.result()
-            self.n = self.shard.total(self.n)
-            self.ordered = None
+        """Complete the sum over every process's samples (with a shard: every process calls it at the same point)."""
+        if self.sum is None:
+            self.sum = self.acc.result()
+            if self.shard is not None:
+                self.n = self.shard.total(self.n)
         self._h = None
 
     def add(self, x: torch.Tensor) -> None:
@@ -126,8 +127,7 @@ class Hessian:
         old = torch.backends.cuda.matmul.allow_tf32
         try:
             for i, seq in enumerate(seqs):
-                # (an MoE expert's rows, 2-D, are not one sample: see OrderedSum.slot)
-                acc = self.sum if self.ordered is None else self.ordered.slot(x.dim() >= 3)
+                acc = self.acc.slot(x.dim() >= 3)  # an MoE expert's rows, 2-D, are not one sample (OrderedSum.slot)
                 clipped = None
                 if factors is not None:
                     kept = factors[i] == 1

@@ -22,7 +22,6 @@ calibration batches (``calib.bs: -1`` cuts micro-batches inside the parts for ex
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 from dataclasses import dataclass
 
@@ -35,8 +34,6 @@ TIMEOUT = datetime.timedelta(hours=4)  # rank 0 evaluates and saves alone while 
 # finished parts of a sum at least this large wait in host memory (a 70B down_proj Hessian is 3.3 GB): only the
 # part being summed stays on the device; fp32 additions are exactly rounded on either, so the bits are the same
 HOST_NODE_BYTES = 1 << 30
-
-log = logging.getLogger("llmc_tpu")
 
 
 class DistributedError(RuntimeError):
@@ -56,10 +53,6 @@ class Ranks:
         """The process that evaluates, writes the outputs and reports."""
         return self.rank == 0
 
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
 
 def launched_ranks() -> Ranks:
     """The ranks torchrun set in the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``); one process otherwise."""
@@ -68,10 +61,8 @@ def launched_ranks() -> Ranks:
 
 
 def init_process_group(ranks: Ranks, device: torch.device) -> None:
-    """Join the run's process group: NCCL between GPUs, gloo between CPU processes."""
-    if ranks.world not in WORLD_SIZES:
-        raise DistributedError(f"torchrun --nproc-per-node {ranks.world}: a run uses 1, 2, 4 or 8 processes "
-                               f"(the calibration samples are cut into {PARTS} parts, shared equally)")
+    """Join the run's process group: NCCL between GPUs, gloo between CPU processes (``ranks.world`` checked by the
+    pipeline: one of ``WORLD_SIZES``)."""
     if ranks.world == 1 or dist.is_initialized():
         return
     if device.type == "cuda":
@@ -242,3 +233,23 @@ class OrderedSum:
         if mine is None:
             return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return mine
+
+
+class RunningSum:
+    """``OrderedSum``'s interface without an order to keep: every slot is one running total, in the order the
+    samples come (where no pipeline shard says which sample is which)."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> None:
+        self.total = torch.zeros(shape, dtype=dtype, device=device)
+
+    def slot(self, per_sample: bool = True) -> torch.Tensor:
+        return self.total
+
+    def result(self) -> torch.Tensor:
+        return self.total
+
+
+def sample_sum(shard: Shard | None, shape: tuple[int, ...], dtype: torch.dtype,
+               device: torch.device | str) -> OrderedSum | RunningSum:
+    """A sum over calibration samples: in the fixed order with the pipeline's shard, else a running total."""
+    return RunningSum(shape, dtype, device) if shard is None else OrderedSum(shard, shape, dtype, device)

@@ -19,13 +19,12 @@ from llmc_tpu.algorithms.awq import (
     activation_abs_sums,
     apply_clip,
     group_gram,
-    group_grams,
     search_clip,
     search_scale,
     weight_mean,
 )
 from llmc_tpu.engine.blockwise import BlockInput, move
-from llmc_tpu.engine.distributed import OrderedSum, Shard
+from llmc_tpu.engine.distributed import Shard, sample_sum
 from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.registry import Subset, part_rows
 from llmc_tpu.tpu.rtn import TpuWeightFormat, fake_quantize
@@ -209,14 +208,8 @@ def _total(shard: Shard | None, count: int) -> int:
 
 def _gram(shard: Shard | None, xs: list[torch.Tensor], group_size: int, k: int) -> torch.Tensor:
     """The per-group Gram matrices over every sample; with a shard, in the fixed order over every process."""
-    if shard is None:
-        return group_gram(xs, group_size, k)
     g = group_size if group_size > 0 else k
-    total = OrderedSum(shard, (k // g, g, g), torch.float32, xs[0].device if xs else "cpu")
-    for x in xs:
-        for part in group_grams(x, group_size, k):
-            total.slot(x.dim() >= 3).add_(part)
-    return total.result()
+    return group_gram(xs, group_size, k, sample_sum(shard, (k // g, g, g), torch.float32, xs[0].device))
 
 
 def scale_groups(subsets: tuple[Subset, ...]) -> list[list[Subset]]:
