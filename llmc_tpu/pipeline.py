@@ -171,11 +171,7 @@ class Quantizer:
             if self.ckpt.done_blocks:
                 log.info("resuming after block %d of an interrupted run", self.ckpt.done_blocks - 1)
             with self.timer("load"):
-                loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype,
-                                    cfg.model.tokenizer_mode, cfg.model.trust_remote_code,
-                                    cfg.calib.min_pixels, cfg.calib.max_pixels)
-            self.device = pick_device(cfg.run.device, self.ranks)
-            init_process_group(self.ranks, self.device)
+                loaded = self._load()
             if cfg.save.save_onnx:  # refuse what the ONNX pieces would get wrong, before any work
                 check_exportable(loaded.model, loaded.spec, cfg.run.seq_length)
             self._describe(loaded)
@@ -243,6 +239,15 @@ class Quantizer:
             close_process_group()
         return self.report
 
+    def _load(self) -> LoadedModel:
+        """The model on the CPU; this process's device picked and, under torchrun, the process group joined."""
+        cfg = self.cfg
+        loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype, cfg.model.tokenizer_mode,
+                            cfg.model.trust_remote_code, cfg.calib.min_pixels, cfg.calib.max_pixels)
+        self.device = pick_device(cfg.run.device, self.ranks)
+        init_process_group(self.ranks, self.device)
+        return loaded
+
     def _settle_checkpoints(self) -> None:
         """A failing run lets the block being written finish (it counts for --resume) before anything is removed."""
         try:
@@ -256,11 +261,7 @@ class Quantizer:
         cfg = self.cfg
         try:
             check_distributed(cfg, self.ranks, self.resume)
-            loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype, cfg.model.tokenizer_mode,
-                                cfg.model.trust_remote_code)
-            self.device = pick_device(cfg.run.device, self.ranks)
-            init_process_group(self.ranks, self.device)
-            self.quantize(loaded)
+            self.quantize(self._load())
         finally:
             close_process_group()
         return self.report
@@ -331,7 +332,7 @@ class Quantizer:
                 samples = torch.cat(batches)
                 n = samples.shape[0]
                 size = self.cfg.calib.bs
-                if size == -1:  # "one batch": split only where one batch would not fit the device
+                if size == -1:  # as many samples per forward as fit the device (within a part, below)
                     size = micro_batch_size(n, samples.shape[1], loaded.model.config, self.device)
                 # batches within the parts of the fixed summing order, this process's parts only (torchrun)
                 self.shard = Shard(n, self.ranks)
