@@ -18,6 +18,7 @@ examples:
   llmc-tpu check-config my.yml                                 # validate, print every resolved default
   llmc-tpu verify ./save/demo_rtn                              # compile with TPU-MLIR, compare code for code
   llmc-tpu quantize --config configs/LLM/AwqSignRound.yml      # the most accurate template (edit model.path)
+  torchrun --standalone --nproc-per-node 2 tpu/llm_quant.py --config my.yml   # GPTQ/AWQ over 2 GPUs, same codes
 
 methods (quant.method): RTN, Awq, GPTQ, SignRound, or [Awq, GPTQ] / [Awq, SignRound]; GPTQ and SignRound
 hand over SAVE_PATH/gptq_tpu_model for llm_convert.py -q auto, the others SAVE_PATH/transformed_model
@@ -146,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="run a config: evaluate, quantize block by block, save, report",
                        description="Run a config end to end and write save.save_path (report.md, transformed_model/, ...).",
-                       epilog="example: llmc-tpu quantize --config configs/LLM/demo_rtn.yml --overwrite",
+                       epilog="example: llmc-tpu quantize --config configs/LLM/demo_rtn.yml --overwrite\n"
+                              "several GPUs: torchrun --standalone --nproc-per-node N tpu/llm_quant.py --config my.yml "
+                              "(N = 1, 2, 4 or 8; README \"Several GPUs\")",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_quantize_args(p)
     p.set_defaults(func=cmd_quantize)

@@ -84,7 +84,7 @@ class AwqSpecial(Section):
 class GptqSpecial(Section):
     # Columns are solved in descending Hessian-diagonal order with the groups fixed up front: TPU-MLIR reads no
     # g_idx, and static groups keep every group's natural columns, so act-order costs nothing at run time. On
-    # SmolLM2-135M the natural order closed 34% of the RTN-to-float gap, act-order 53% (docs/gptq.md).
+    # SmolLM2-135M the natural order closed 26% of the RTN-to-float gap, act-order 55% (docs/gptq.md).
     actorder: bool = Field(True, description="solve columns in descending activation order (needs static_groups)")
     static_groups: bool = Field(True, description="group scales/zeros from the original weights, before the solve")
     percdamp: float = Field(0.01, gt=0)
