@@ -30,7 +30,7 @@ Examples (on one H200; each command must finish within 10 minutes there, so one 
     python benchmarks/gpu_scale.py --shape 7b --methods gptq --peer-only      # llm-compressor; rows are merged
     python benchmarks/gpu_scale.py --shape 7b --methods awq --peer-python /tmp/refvenv/bin/python   # peer in its venv
     python benchmarks/gpu_scale.py --shape 70b --layers 2 --methods awq       # 2 of 80 blocks, full time projected
-    python benchmarks/gpu_scale.py --shape 7b --methods gptq --no-peer --nproc 2    # torchrun, 2 GPUs
+    python benchmarks/gpu_scale.py --shape 7b --methods gptq --no-peer --nproc 1 2  # 1 GPU, then torchrun on 2
     python benchmarks/gpu_scale.py --shape tiny --samples 8 --no-peer --out /tmp/t.json   # a CPU smoke run
 
 Rows of earlier runs in ``--out`` are kept unless the same (shape, layers, method, tool, processes, samples)
@@ -304,6 +304,7 @@ def run_ours(row: Row, model: Path, calib: Path, workdir: Path, logs: Path, cali
         script = ["tpu/llm_quant.py", "--config", str(cfg_path)]
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={row.nproc}"] if row.nproc > 1 else []
         fill_measure(row, measured(f"ours {row.method}", [*launcher, *script], sys.executable, stem))
+        row.details["outputs_sha256"] = output_digests(save)
         report_path = save / "report.json"
         if report_path.is_file():
             shutil.copy2(report_path, stem.with_suffix(".report.json"))
@@ -312,6 +313,20 @@ def run_ours(row: Row, model: Path, calib: Path, workdir: Path, logs: Path, cali
         elif row.exit_code == 0:
             row.details["warning"] = f"no report.json in {save}"
     row.details["config"] = cfg
+
+
+def output_digests(save: Path) -> dict[str, str]:
+    """sha256 of every safetensors file the run wrote: runs with another process count must give the same bytes."""
+    import hashlib
+
+    digests = {}
+    for path in sorted(save.rglob("*.safetensors")):
+        h = hashlib.sha256()
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        digests[str(path.relative_to(save))] = h.hexdigest()
+    return digests
 
 
 def read_report(row: Row, report: dict[str, Any], calib_info: dict[str, Any]) -> None:
@@ -416,10 +431,23 @@ def ratio(row: Row, rows: list[Row]) -> float | None:
     return row.quantize_s / ours[0].quantize_s if ours else None
 
 
+def versus_one_process(row: Row, rows: list[Row]) -> str:
+    """For a torchrun row: one process's quantize time / this row's, and whether the outputs are the same bytes."""
+    if row.tool != "ours" or row.nproc == 1 or not row.quantize_s:
+        return "-"
+    one = [r for r in rows if r.tool == "ours" and r.nproc == 1 and r.quantize_s and
+           (r.shape, r.layers, r.method, r.samples) == (row.shape, row.layers, row.method, row.samples)]
+    if not one:
+        return "-"
+    mine, theirs = row.details.get("outputs_sha256"), one[0].details.get("outputs_sha256")
+    same = "no outputs hashed" if not (mine and theirs) else "same bytes" if mine == theirs else "OUTPUTS DIFFER"
+    return f"{one[0].quantize_s / row.quantize_s:.2f}x, {same}"
+
+
 def table(rows: list[Row]) -> str:
     f = lambda v, d=1: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     lines = ["| shape | method | tool | process wall s | quantize / oneshot s | peak GPU GiB alloc / reserved / nvidia-smi "
-             "| peak host RSS GiB | peer / ours |", "|---|---|---|---:|---:|---:|---:|---:|"]
+             "| peak host RSS GiB | peer / ours | one process / torchrun |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         shape = r.shape if r.layers == r.full_layers else f"{r.shape} ({r.layers} of {r.full_layers} layers)"
         tool = r.tool if r.nproc == 1 else f"{r.tool} (torchrun x{r.nproc})"
@@ -427,7 +455,7 @@ def table(rows: list[Row]) -> str:
         gpu = f"{f(r.gpu_allocated_gib, 2)} / {f(r.gpu_reserved_gib, 2)} / {f(r.gpu_smi_gib, 2)}"
         rat = ratio(r, rows)
         lines.append(f"| {shape} | {r.method} | {tool} | {f(r.process_s)} | {quant} | {gpu} | {f(r.rss_gib, 2)} | "
-                     f"{'-' if rat is None else f'{rat:.2f}x'} |")
+                     f"{'-' if rat is None else f'{rat:.2f}x'} | {versus_one_process(r, rows)} |")
     return "\n".join(lines)
 
 
@@ -477,8 +505,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tools.add_argument("--peer-only", action="store_true", help="run llm-compressor only (ours from an earlier run in "
                                                                 "--out gives the ratio)")
     tools.add_argument("--build-only", action="store_true", help="build (or check) the model folder and stop")
-    ap.add_argument("--nproc", type=int, default=1, help="processes for ours: N > 1 launches torchrun --standalone "
-                                                         "--nproc-per-node N (llm-compressor runs in one process)")
+    ap.add_argument("--nproc", type=int, nargs="+", default=[1],
+                    help="processes for ours: N > 1 launches torchrun --standalone --nproc-per-node N; several values "
+                         "run ours once per value, and the table compares each torchrun run with one process (time "
+                         "and output bytes); llm-compressor runs in one process (default 1)")
     ap.add_argument("--peer-python", default=sys.executable,
                     help="the interpreter that has llmcompressor (its own venv, see benchmarks/README.md); default: this one")
     ap.add_argument("--peer-bs", type=int, default=16, help="llm-compressor's calibration batch size (default 16)")
@@ -490,7 +520,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     full = SHAPES[args.shape].layers
     if args.layers is not None and not 1 <= args.layers <= full:
         ap.error(f"--layers must be between 1 and {full} for {args.shape}")
-    if args.nproc < 1 or args.samples < 1:
+    if min(args.nproc) < 1 or args.samples < 1:
         ap.error("--nproc and --samples must be at least 1")
     return args
 
@@ -526,8 +556,9 @@ def main(argv: list[str] | None = None) -> int:
                       samples=args.samples, seq_len=method.seq_len,
                       details={"calibration": {**calib_info, "path": str(calib)}, "template": method.template})
         if not args.peer_only:
-            rows.append(Row(tool="ours", nproc=args.nproc, **copy.deepcopy(common)))
-            run_ours(rows[-1], model, calib, workdir, logs, calib_info)
+            for nproc in args.nproc:
+                rows.append(Row(tool="ours", nproc=nproc, **copy.deepcopy(common)))
+                run_ours(rows[-1], model, calib, workdir, logs, calib_info)
         if not peer_skip:
             ids_path = workdir / f"ids_{name}_{args.samples}x{method.seq_len}.pt"
             torch.save(ids, ids_path)
