@@ -27,6 +27,7 @@ from llmc_tpu.engine.distributed import (
     init_process_group,
     launched_ranks,
     micro_batches,
+    share_cpu_threads,
 )
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
 from llmc_tpu.engine.microbatch import inputs_device, micro_batch_size
@@ -246,6 +247,10 @@ class Quantizer:
                             cfg.model.trust_remote_code, cfg.calib.min_pixels, cfg.calib.max_pixels)
         self.device = pick_device(cfg.run.device, self.ranks)
         init_process_group(self.ranks, self.device)
+        threads = share_cpu_threads(self.ranks)
+        if threads is not None and self.ranks.main:
+            log.info("torchrun set OMP_NUM_THREADS=1: each process uses %d CPU threads instead (set OMP_NUM_THREADS "
+                     "to another value to choose)", threads)
         return loaded
 
     def _settle_checkpoints(self) -> None:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 
-from llmc_tpu.engine.distributed import PARTS, OrderedSum, Ranks, Shard, micro_batches, parts
+from llmc_tpu.engine.distributed import PARTS, OrderedSum, Ranks, Shard, micro_batches, parts, share_cpu_threads
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -160,6 +160,28 @@ def test_torchrun_gives_each_process_its_own_gpu(monkeypatch):
         pick_device("cuda:1", Ranks(0, 2))
     with pytest.raises(PipelineError, match="--nproc-per-node 2"):
         pick_device("auto", Ranks(3, 4, local_rank=3))
+
+
+@pytest.mark.parametrize("omp, world, local, expected", [
+    ("1", 2, "2", "cores // 2"),  # torchrun's default: the cores shared among the host's processes
+    ("1", 1, None, None),  # one process: torch's own choice
+    ("3", 2, "2", None),  # the user's choice
+    (None, 2, "2", None),
+])
+def test_torchrun_processes_share_the_host_cores(omp, world, local, expected, monkeypatch):
+    for name, value in (("OMP_NUM_THREADS", omp), ("LOCAL_WORLD_SIZE", local)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    before = torch.get_num_threads()
+    try:
+        got = share_cpu_threads(Ranks(0, world, 0))
+        cores = len(os.sched_getaffinity(0))
+        assert got == (None if expected is None else max(1, cores // 2))
+        assert torch.get_num_threads() == (before if got is None else got)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_sums_in_the_fixed_order_need_one_row_per_sample():

@@ -149,6 +149,25 @@ def test_blocksize_does_not_change_the_result():
         assert float((other.codes == ref.codes).float().mean()) > 0.999
 
 
+@pytest.mark.parametrize("kw", [{}, {"static_groups": True}, {"actorder": True, "static_groups": True}])
+def test_rows_solved_in_pieces_are_the_rows_of_the_whole(kw):
+    """What lets torchrun's processes split a solve: any whole row chunks give exactly those rows of the call
+    on all of them (blocksize 48: group starts inside a block, with the pending-update product per chunk)."""
+    w, x = weight(n=100), correlated_inputs(256, seed=5)
+    h = Hessian(256)
+    h.add(x)
+    chunks = [13, 12, 13, 12, 13, 12, 13, 12]  # engine.distributed's parts of 100 rows
+    whole = gptq_quantize(w, h.h, W4, blocksize=48, row_chunks=chunks, **kw)
+    assert torch.equal(whole.codes, gptq_quantize(w, h.h, W4, blocksize=48, **kw).codes)  # the default chunks
+    for first, last in ((0, 4), (4, 8), (2, 3), (6, 8)):
+        a, b = sum(chunks[:first]), sum(chunks[:last])
+        part = gptq_quantize(w[a:b], h.h, W4, blocksize=48, row_chunks=chunks[first:last], **kw)
+        for got, ref in ((part.codes, whole.codes), (part.scale, whole.scale), (part.zero, whole.zero)):
+            assert torch.equal(got, ref[a:b])
+    with pytest.raises(ValueError, match="add up"):
+        gptq_quantize(w, h.h, W4, row_chunks=[50, 49])
+
+
 def test_singular_hessian_recovers_with_a_warning():
     x = torch.randn(500, 1) @ torch.randn(1, 128) * 10  # rank 1
     h = Hessian(128)

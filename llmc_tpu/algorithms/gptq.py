@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from llmc_tpu.engine.distributed import Shard, sample_sum
+from llmc_tpu.engine.distributed import Shard, parts_sizes, sample_sum
 from llmc_tpu.tpu.chips import quantized_out_features
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat, round_half_away, tpu_grid
 
@@ -277,11 +278,26 @@ def _block(n: int, width: int, device: torch.device) -> _Block:
     return _BLOCKS[key]
 
 
+def _chunk_bounds(sizes: list[int], n: int) -> list[slice]:
+    if sum(sizes) != n or min(sizes, default=0) < 0:
+        raise ValueError(f"row_chunks {sizes} do not add up to the {n} rows")
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    return [slice(a, a + size) for a, size in zip(starts, sizes) if size]
+
+
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, blocksize: int = 128,
-                  percdamp: float = 0.01, actorder: bool = False, static_groups: bool = False) -> GptqResult:
-    """Quantize ``w`` ``[N, K]`` on TPU-MLIR's grid, minimizing the output error on inputs with Hessian ``[K, K]``."""
+                  percdamp: float = 0.01, actorder: bool = False, static_groups: bool = False,
+                  row_chunks: Sequence[int] | None = None) -> GptqResult:
+    """Quantize ``w`` ``[N, K]`` on TPU-MLIR's grid, minimizing the output error on inputs with Hessian ``[K, K]``.
+
+    Every row is solved on its own (the error of a row is spread over that row's later columns), so the rows
+    can be solved in pieces. ``row_chunks``: the sizes of the consecutive row chunks the matrix products of the
+    error updates take one at a time (default: ``engine.distributed``'s parts of ``N``). The other steps are
+    row by row, so a call on some whole chunks gives those rows of the call on all of them, bit for bit.
+    """
     W = w.detach().float().clone()
     n, k = W.shape
+    bounds = _chunk_bounds(parts_sizes(n) if row_chunks is None else list(row_chunks), n)
     g = k if fmt.per_channel else fmt.group_size
     if k % g:
         raise ValueError(f"in_features {k} is not a multiple of the group size {g} (TPU-MLIR asserts K % G == 0)")
@@ -327,7 +343,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, 
                 inside = min(g, i2 - j)
                 cols[:, :inside] = ws.W[:, a:a + inside]
                 if inside < g and a:
-                    cols[:, inside:] -= ws.Err[:, :a] @ hinv[i1:j, i2:j + g]
+                    for r in bounds:
+                        cols[r, inside:] -= ws.Err[r, :a] @ hinv[i1:j, i2:j + g]
                 s, z, f = handoff_grid(cols, group_fmt)
                 scale[:, gi:gi + 1], zero[:, gi:gi + 1], fixes = s, z, fixes + f
                 deq[:, gi:gi + 1] = s.to(fmt.torch_scale_dtype).float()
@@ -336,7 +353,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, 
             ws.run(a, b, fmt.qmax)
             a = b
         Q[:, i1:i2] = ws.Q.to(torch.int16)
-        W[:, i2:].sub_(ws.Err @ hinv[i1:i2, i2:])
+        for r in bounds:
+            W[r, i2:].sub_(ws.Err[r] @ hinv[i1:i2, i2:])
     if actorder:
         Q = Q[:, torch.argsort(order)]
     return GptqResult(fmt, Q, scale, zero, used, int(dead.sum()), fixes, warnings)

@@ -71,6 +71,21 @@ def init_process_group(ranks: Ranks, device: torch.device) -> None:
                             **({"device_id": device} if device.type == "cuda" else {}))
 
 
+def share_cpu_threads(ranks: Ranks) -> int | None:
+    """Give each process of a torchrun launch its share of the host's cores; the number set, or None if untouched.
+
+    torchrun sets ``OMP_NUM_THREADS=1`` in every process it starts when the variable is not set, and the host-side
+    work of a run (rank 0's save packs every code on the CPU) then takes several times as long. ``1`` is taken as
+    torchrun's default: the cores are divided among the host's processes instead. Any other value is kept.
+    """
+    if ranks.world == 1 or os.environ.get("OMP_NUM_THREADS") != "1":
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world)))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def close_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -79,6 +94,10 @@ def close_process_group() -> None:
 def parts(n: int) -> list[range]:
     """The ``PARTS`` parts of ``n`` samples, in order (sizes differ by at most one; some empty when n < PARTS)."""
     return [range(p * n // PARTS, (p + 1) * n // PARTS) for p in range(PARTS)]
+
+
+def parts_sizes(n: int) -> list[int]:
+    return [len(p) for p in parts(n)]
 
 
 def micro_batches(n: int, size: int) -> list[range]:
@@ -117,6 +136,13 @@ class Shard:
                 return p
         raise IndexError(f"sample {sample} of {self.n}")
 
+    def matrix_rows(self, n: int) -> tuple[range, list[int]]:
+        """This process's rows of an ``n``-row matrix whose rows are solved apart (GPTQ), and the sizes of the parts
+        they are made of: the rows are cut into ``PARTS`` parts like the samples, and each process takes its parts."""
+        cut = parts(n)
+        mine = [cut[p] for p in self.parts_of(self.ranks.rank)]
+        return range(mine[0].start, mine[-1].stop), [len(p) for p in mine]
+
     def gather(self, rows: torch.Tensor) -> torch.Tensor:
         """Rows of this process's samples (per sample, in order) -> every process's, in process (= sample) order."""
         if self.ranks.world == 1:
@@ -127,9 +153,10 @@ class Shard:
         sizes = [int(c.item()) for c in counts]
         pad = torch.zeros((max(sizes), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
         pad[:rows.shape[0]] = rows
-        got = [torch.empty_like(pad) for _ in sizes]
-        dist.all_gather(got, pad)
-        return torch.cat([g[:k] for g, k in zip(got, sizes)])
+        sent = pad.view(torch.uint8) if pad.dtype == torch.int16 else pad  # NCCL has no int16: the bytes travel
+        got = [torch.empty_like(sent) for _ in sizes]
+        dist.all_gather(got, sent)
+        return torch.cat([g.view(rows.dtype)[:k] for g, k in zip(got, sizes)])
 
     def total(self, count: int) -> int:
         """An integer summed over the processes (token counts)."""

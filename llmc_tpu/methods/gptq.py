@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmc_tpu.algorithms.gptq import Hessian, gptq_quantize, output_error
+from llmc_tpu.algorithms.gptq import GptqResult, Hessian, gptq_quantize, output_error
 from llmc_tpu.engine.blockwise import BlockInput, move
 from llmc_tpu.engine.distributed import Shard
 from llmc_tpu.fake_quant import fake_quant_weight
@@ -117,16 +117,27 @@ class GptqMethod(Method):
         if uncalibrated:
             ctx.report["uncalibrated"] = uncalibrated
 
+    def _solve_rows(self, w: torch.Tensor, h: torch.Tensor, ctx: BlockContext) -> GptqResult:
+        """GPTQ on ``w``: under torchrun each process solves its parts of the rows and every process gets all of
+        them (each row is solved on its own, in the same row chunks whatever the number of processes)."""
+        sp = self.special
+        shard = ctx.shard
+        rows, chunks = shard.matrix_rows(w.shape[0]) if shard is not None else (range(w.shape[0]), None)
+        res = gptq_quantize(w[rows.start:rows.stop], h, ctx.fmt, blocksize=sp["blocksize"], percdamp=sp["percdamp"],
+                            actorder=sp["actorder"], static_groups=sp["static_groups"], row_chunks=chunks)
+        if shard is None or shard.ranks.world == 1:
+            return res
+        return dataclasses.replace(res, codes=shard.gather(res.codes), scale=shard.gather(res.scale),
+                                   zero=shard.gather(res.zero), zero_point_fixes=shard.total(res.zero_point_fixes))
+
     @torch.no_grad()
     def _solve(self, ctx: BlockContext, subset: Subset, hessian: Hessian) -> dict[str, Any]:
         """Quantize the subset's Linears as one matrix; record each Linear's result and output error."""
-        sp = self.special
         weights = [ctx.block.get_submodule(n).weight.data.float() for n in subset.layers]
         h = hessian.h
         if hessian.n == 0:  # an expert no calibration token reached: identity Hessian = TPU-MLIR's RTN codes
             h = torch.eye(h.shape[0], device=h.device)
-        res = gptq_quantize(torch.cat(weights), h, ctx.fmt, blocksize=sp["blocksize"], percdamp=sp["percdamp"],
-                            actorder=sp["actorder"], static_groups=sp["static_groups"])
+        res = self._solve_rows(torch.cat(weights), h, ctx)
         for w in res.warnings:
             log.warning("block %d %s: %s", ctx.index, "/".join(subset.layers), w)
         note: dict[str, Any] = {"layers": list(subset.layers), "tokens": hessian.n, "percdamp": res.percdamp,
