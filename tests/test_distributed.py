@@ -162,6 +162,31 @@ def test_torchrun_gives_each_process_its_own_gpu(monkeypatch):
         pick_device("auto", Ranks(3, 4, local_rank=3))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="finished parts are parked in host memory from a GPU only")
+def test_parts_parked_in_host_memory_give_the_same_sum(monkeypatch):
+    from llmc_tpu.engine import distributed
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(40, 96, 96, device="cuda", generator=g) * 10 ** torch.randn(40, 1, 1, device="cuda", generator=g)
+
+    def total() -> torch.Tensor:
+        acc = OrderedSum(Shard(40), (96, 96), torch.float32, "cuda")
+        for sample in x:
+            acc.slot().add_(sample)
+        return acc.result()
+
+    on_device = total()
+    monkeypatch.setattr(distributed, "HOST_NODE_BYTES", 0)
+    distributed._HostNodes.free.clear()
+    parked = total()
+    assert parked.device.type == "cuda" and torch.equal(parked, on_device)
+    assert distributed._HostNodes.free[((96, 96), torch.float32)]  # buffers came back for the next sum
+    seq = torch.zeros_like(on_device)
+    for sample in x:
+        seq.add_(sample)
+    assert not torch.equal(seq, on_device)  # the order matters for these values: the test can fail
+
+
 @pytest.mark.parametrize("omp, world, local, expected", [
     ("1", 2, "2", "cores // 2"),  # torchrun's default: the cores shared among the host's processes
     ("1", 1, None, None),  # one process: torch's own choice

@@ -168,6 +168,32 @@ def test_rows_solved_in_pieces_are_the_rows_of_the_whole(kw):
         gptq_quantize(w, h.h, W4, row_chunks=[50, 49])
 
 
+@pytest.mark.parametrize("actorder", [False, True])
+def test_a_failed_factor_of_the_inverse_retries_from_the_hessian(actorder, monkeypatch):
+    """The inverse overwrites the working Hessian: a retry after the second factorization fails rebuilds it
+    (dead columns and act-order included) and gets what a run with the higher damping gets."""
+    w, x = weight(), correlated_inputs(256, seed=6)
+    x[:, 7] = 0  # a dead column
+    h = Hessian(256)
+    h.add(x)
+    kw = {"actorder": actorder, "static_groups": actorder}
+    direct = gptq_quantize(w, h.h, W4, percdamp=0.1, **kw)
+    real, calls = torch.linalg.cholesky_ex, []
+
+    def first_upper_fails(a, *, upper=False, **rest):
+        out = real(a, upper=upper, **rest)
+        calls.append(upper)
+        if upper and calls.count(True) == 1:
+            out[1].fill_(1)
+        return out
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", first_upper_fails)
+    retried = gptq_quantize(w, h.h, W4, percdamp=0.01, **kw)
+    assert calls == [False, True, False, True]
+    assert retried.percdamp == direct.percdamp == 0.1 and "percdamp 0.01" in retried.warnings[0]
+    assert torch.equal(retried.codes, direct.codes) and retried.dead_columns == 1
+
+
 def test_singular_hessian_recovers_with_a_warning():
     x = torch.randn(500, 1) @ torch.randn(1, 128) * 10  # rank 1
     h = Hessian(128)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -101,7 +101,12 @@ class Hessian:
                 if self.shard is not None:
                     raise RuntimeError("Hessian.finish() first: the sum over the samples is not complete")
                 self.finish()  # a running total: its current value
-            self._h = self.sum * (2 / self.n) if self.n else torch.zeros_like(self.sum)
+            if not self.n:
+                self._h = torch.zeros_like(self.sum)
+            elif self.shard is not None:  # a finished sum, scaled where it lies (a 70B down_proj's is 3.3 GB)
+                self._h = self.sum.mul_(2 / self.n)
+            else:  # a running total, which later batches may still add to
+                self._h = self.sum * (2 / self.n)
         return self._h
 
     def finish(self) -> None:
@@ -110,7 +115,7 @@ class Hessian:
             self.sum = self.acc.result()
             if self.shard is not None:
                 self.n = self.shard.total(self.n)
-        self._h = None
+            self._h = None
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``[..., K]`` (``[batch, seq, K]``: per sequence, for the token clip and the order).
@@ -203,19 +208,28 @@ class GptqResult:
         return dataclasses.replace(self.tpu_weight(), folded=False).dequantize()
 
 
-def _inverse_cholesky(h: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, list[str]]:
-    """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping on failure."""
+def _inverse_cholesky(make_h: Callable[[], torch.Tensor], percdamp: float) -> tuple[torch.Tensor, float, list[str]]:
+    """Upper Cholesky factor of ``(H + damp I)^-1``, raising the damping on failure.
+
+    ``make_h()`` builds ``H``, undamped; its memory then holds the inverse and the factor takes the first
+    factor's, so no more than two ``[K, K]`` matrices live at once (a 70B down_proj's is 3.3 GB). It is called
+    again only when a factorization of the inverse fails.
+    """
     warnings = []
-    mean_diag = float(torch.diagonal(h).mean())
+    h = make_h()
+    diag = torch.diagonal(h).clone()
+    mean_diag = float(diag.mean())
     for attempt in range(DAMP_TRIES):
         damp = float(f"{percdamp * 10 ** attempt:.12g}")
-        hd = h.clone()
-        hd.diagonal().add_(damp * mean_diag)
-        low, info = torch.linalg.cholesky_ex(hd)
+        torch.diagonal(h).copy_(diag).add_(damp * mean_diag)
+        low, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
-            up, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            torch.cholesky_inverse(low, out=h)
+            up, info = torch.linalg.cholesky_ex(h, upper=True, out=(low, torch.empty_like(info)))
             if int(info) == 0 and bool(torch.isfinite(up).all()):
                 return up, damp, warnings
+            del low, up
+            h = make_h()  # it holds the inverse now
         if attempt + 1 < DAMP_TRIES:
             warnings.append(f"Cholesky failed with percdamp {damp:g}; retried with {damp * 10:g}")
     raise GptqError(f"Cholesky failed even with percdamp {damp:g}; the Hessian is degenerate "
@@ -303,11 +317,11 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, 
         raise ValueError(f"in_features {k} is not a multiple of the group size {g} (TPU-MLIR asserts K % G == 0)")
     if actorder and not static_groups and not fmt.per_channel:
         raise ValueError("act-order needs static groups: TPU-MLIR reads no g_idx (quant.special.static_groups: True)")
-    H = hessian.detach().to(W.device, torch.float32).clone()
-    if not torch.isfinite(H).all():
+    if not torch.isfinite(hessian).all():
         raise GptqError("the Hessian has NaN/Inf values: the calibration activations overflowed")
-    dead = torch.diagonal(H) == 0
-    H.diagonal()[dead] = 1
+    diag = torch.diagonal(hessian).to(W.device, torch.float32)
+    dead = diag == 0
+    diag = torch.where(dead, torch.ones_like(diag), diag)
     static = static_groups or fmt.per_channel
     group_fmt = dataclasses.replace(fmt, group_size=g) if not fmt.per_channel else fmt
     scale = W.new_zeros(n, k // g)
@@ -318,10 +332,19 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, 
     deq = scale.to(fmt.torch_scale_dtype).float()
     order = torch.arange(k, device=W.device)
     if actorder:
-        order = torch.argsort(torch.diagonal(H), descending=True)
-        W, H = W[:, order], H[order][:, order]
+        order = torch.argsort(diag, descending=True)
+        W = W[:, order]
+
+    def working_h() -> torch.Tensor:  # H on W's device, dead columns set to 1, in the solving order
+        H = hessian.detach().to(W.device, torch.float32, copy=True)
+        H.diagonal()[dead] = 1
+        if actorder:
+            H = H[order]
+            H = H[:, order]
+        return H
+
     group_of = order // g
-    hinv, used, warnings = _inverse_cholesky(H, percdamp)
+    hinv, used, warnings = _inverse_cholesky(working_h, percdamp)
     Q = torch.zeros(n, k, dtype=torch.int16, device=W.device)
     for i1 in range(0, k, blocksize):
         i2 = min(i1 + blocksize, k)

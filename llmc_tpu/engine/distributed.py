@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,8 +32,8 @@ import torch.distributed as dist
 PARTS = 8  # the most processes a run can use; the tree over the parts fixes the order of every sum
 WORLD_SIZES = (1, 2, 4, 8)
 TIMEOUT = datetime.timedelta(hours=4)  # rank 0 evaluates and saves alone while the others wait
-# finished parts of a sum at least this large wait in host memory (a 70B down_proj Hessian is 3.3 GB): only the
-# part being summed stays on the device; fp32 additions are exactly rounded on either, so the bits are the same
+# finished parts of a sum at least this large wait in pinned host memory (a 70B down_proj Hessian is 3.3 GB, and
+# up to three wait at once): the device holds the part being summed and, while adding, the sibling brought back
 HOST_NODE_BYTES = 1 << 30
 
 
@@ -173,26 +174,58 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _add(nodes: dict[tuple[int, int], torch.Tensor], level: int, index: int, value: torch.Tensor) -> None:
-    """Put a node in; while its sibling is there, add the two (left + right) into their parent."""
+def _add(nodes: dict[tuple[int, int], torch.Tensor], level: int, index: int, value: torch.Tensor,
+         fetch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Put a node in; while its sibling is there, add the two (left + right) into their parent. Returns the node
+    finally stored (the caller may move it); ``fetch`` brings a stored sibling back next to ``value``."""
     while (level, index ^ 1) in nodes:
-        sibling = nodes.pop((level, index ^ 1))
+        sibling = fetch(nodes.pop((level, index ^ 1)))
         left, right = (sibling, value) if index & 1 else (value, sibling)
         value = left.add_(right)
         level, index = level + 1, index // 2
     nodes[(level, index)] = value
+    return (level, index)
 
 
-def _fold(nodes: dict[tuple[int, int], torch.Tensor], level: int, index: int) -> torch.Tensor | None:
+def _fold(nodes: dict[tuple[int, int], torch.Tensor], level: int, index: int,
+          fetch: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor | None:
     """The value of node (level, index): its own entry, else the sum of its children's (an absent child adds nothing)."""
     if (level, index) in nodes:
-        return nodes.pop((level, index))
+        return fetch(nodes.pop((level, index)))
     if level == 0:
         return None
-    left, right = _fold(nodes, level - 1, 2 * index), _fold(nodes, level - 1, 2 * index + 1)
+    left, right = _fold(nodes, level - 1, 2 * index, fetch), _fold(nodes, level - 1, 2 * index + 1, fetch)
     if left is None or right is None:
         return right if left is None else left
     return left.add_(right)
+
+
+class _HostNodes:
+    """Finished nodes of large sums parked in pinned host memory while the device sums the next part: copies
+    on the device's current stream, so each lands before anything that later reads or reuses its memory;
+    buffers are reused across sums of the same shape (one per pending node, at most four)."""
+
+    free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
+
+    def park(self, value: torch.Tensor) -> torch.Tensor:
+        pool = self.free.setdefault((tuple(value.shape), value.dtype), [])
+        if pool:
+            host = pool.pop()
+        else:
+            try:
+                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            except RuntimeError:  # no pinned memory for this accelerator: a plain (synchronous) copy
+                host = torch.empty(value.shape, dtype=value.dtype)
+        return host.copy_(value, non_blocking=host.is_pinned())
+
+    def fetch(self, host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        if host.device == torch.device(device):
+            return host
+        value = host.to(device, non_blocking=host.is_pinned())
+        pool = self.free.setdefault((tuple(host.shape), host.dtype), [])
+        if len(pool) < 4:
+            pool.append(host)
+        return value
 
 
 class OrderedSum:
@@ -213,6 +246,7 @@ class OrderedSum:
         self.part: int | None = None
         self.acc: torch.Tensor | None = None
         self.nodes: dict[tuple[int, int], torch.Tensor] = {}
+        self.host = _HostNodes()
         self.loose: torch.Tensor | None = None
 
     def slot(self, per_sample: bool = True) -> torch.Tensor:
@@ -232,20 +266,20 @@ class OrderedSum:
             self.part, self.acc = part, torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return self.acc
 
+    def _fetch(self, node: torch.Tensor) -> torch.Tensor:
+        return self.host.fetch(node, self.device)
+
     def _close(self) -> None:
         if self.acc is not None:
-            acc = self.acc
+            acc, self.acc = self.acc, None
+            key = _add(self.nodes, 0, self.part, acc, self._fetch)
             if acc.device.type != "cpu" and acc.numel() * acc.element_size() >= HOST_NODE_BYTES:
-                acc = acc.cpu()
-            _add(self.nodes, 0, self.part, acc)
-            self.acc = None
+                self.nodes[key] = self.host.park(self.nodes[key])
 
     def result(self) -> torch.Tensor:
         self._close()
         level, index = self.shard.subtree
-        mine = _fold(self.nodes, level, index)
-        if mine is not None:
-            mine = mine.to(self.device)
+        mine = _fold(self.nodes, level, index, self._fetch)
         if self.shard.ranks.world > 1:
             held = torch.tensor([mine is not None], dtype=torch.int64, device=_collective_device())
             flags = [torch.empty_like(held) for _ in range(self.shard.ranks.world)]
