@@ -30,6 +30,7 @@ Examples (on one H200; each command must finish within 10 minutes there, so one 
     python benchmarks/gpu_scale.py --shape 7b --methods gptq --peer-only      # llm-compressor; rows are merged
     python benchmarks/gpu_scale.py --shape 7b --methods awq --peer-python /tmp/refvenv/bin/python   # peer in its venv
     python benchmarks/gpu_scale.py --shape 70b --layers 2 --methods awq       # 2 of 80 blocks, full time projected
+    python benchmarks/gpu_scale.py --shape 70b --layers 2 --methods gptq --no-peer --device-memory-gib 24   # a 24 GB GPU
     python benchmarks/gpu_scale.py --shape 7b --methods gptq --no-peer --nproc 1 2  # 1 GPU, then torchrun on 2
     python benchmarks/gpu_scale.py --shape tiny --samples 8 --no-peer --out /tmp/t.json   # a CPU smoke run
 
@@ -142,11 +143,12 @@ class Row:
     gpu_smi_gib: float | None = None  # max over GPUs of nvidia-smi's memory.used, polled
     rss_gib: float | None = None  # the larger of this process's and its largest child's peak
     projected_full_s: float | None = None  # --layers runs: the quantize time for every layer of the shape
+    device_memory_gib: float | None = None  # ours: run.device_memory_gib (PyTorch's allocator capped there)
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> tuple:
-        return self.shape, self.layers, self.method, self.tool, self.nproc, self.samples
+        return self.shape, self.layers, self.method, self.tool, self.nproc, self.samples, self.device_memory_gib
 
 
 # -- the model folder -------------------------------------------------------------------------------
@@ -279,23 +281,26 @@ def fill_measure(row: Row, measure: dict[str, Any]) -> None:
 
 
 # -- ours -----------------------------------------------------------------------------------------------
-def our_config(method: Method, model: Path, calib: Path, n_samples: int, save_path: Path, task: str) -> dict[str, Any]:
-    """The run config a user writes from the template: paths replaced, evaluation off."""
+def our_config(method: Method, model: Path, calib: Path, n_samples: int, save_path: Path, task: str,
+               device_memory_gib: float | None = None) -> dict[str, Any]:
+    """The run config a user writes from the template: paths replaced, evaluation off (and the GPU memory cap)."""
     return {"base": {"seed": SEED}, "model": {"path": str(model)},
             "calib": {"name": "custom_txt", "path": str(calib), "preproc": "random_truncate_txt", "n_samples": n_samples,
                       "seq_len": method.seq_len, "bs": method.calib_bs, "seed": SEED},
             "eval": {"eval_pos": []}, "quant": method.quant, "save": {"save_path": str(save_path), **method.save},
-            "run": {"task_name": task}}
+            "run": {"task_name": task, **({"device_memory_gib": device_memory_gib} if device_memory_gib else {})}}
 
 
 def run_ours(row: Row, model: Path, calib: Path, workdir: Path, logs: Path, calib_info: dict[str, Any]) -> None:
     """``tpu/llm_quant.py --config`` in a fresh process (torchrun for nproc > 1); outputs deleted afterwards."""
     import yaml
 
-    stem = logs / f"{row.shape}-{row.layers}L_{row.method}_ours_x{row.nproc}"
+    cap = f"_cap{row.device_memory_gib:g}GiB" if row.device_memory_gib else ""
+    stem = logs / f"{row.shape}-{row.layers}L_{row.method}_ours_x{row.nproc}{cap}"
     with tempfile.TemporaryDirectory(prefix="ours_", dir=workdir) as tmp:
         cfg_path, save = Path(tmp) / "config.yml", Path(tmp) / "save"
-        cfg = our_config(METHODS[row.method], model, calib, row.samples, save, f"gpu_scale_{stem.name}")
+        cfg = our_config(METHODS[row.method], model, calib, row.samples, save, f"gpu_scale_{stem.name}",
+                         row.device_memory_gib)
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         shutil.copy2(cfg_path, stem.with_suffix(".config.yml"))
         if row.method == "awq":  # save_trans writes a full bf16 copy of the model
@@ -426,7 +431,7 @@ def ratio(row: Row, rows: list[Row]) -> float | None:
     """Peer oneshot time / our quantize time on the same shape, layers, method and samples (one process each)."""
     if row.tool == "ours" or row.quantize_s is None:
         return None
-    ours = [r for r in rows if r.tool == "ours" and r.nproc == 1 and r.quantize_s and
+    ours = [r for r in rows if r.tool == "ours" and r.nproc == 1 and r.quantize_s and not r.device_memory_gib and
             (r.shape, r.layers, r.method, r.samples) == (row.shape, row.layers, row.method, row.samples)]
     return row.quantize_s / ours[0].quantize_s if ours else None
 
@@ -435,7 +440,7 @@ def versus_one_process(row: Row, rows: list[Row]) -> str:
     """For a torchrun row: one process's quantize time / this row's, and whether the outputs are the same bytes."""
     if row.tool != "ours" or row.nproc == 1 or not row.quantize_s:
         return "-"
-    one = [r for r in rows if r.tool == "ours" and r.nproc == 1 and r.quantize_s and
+    one = [r for r in rows if r.tool == "ours" and r.nproc == 1 and r.quantize_s and not r.device_memory_gib and
            (r.shape, r.layers, r.method, r.samples) == (row.shape, row.layers, row.method, row.samples)]
     if not one:
         return "-"
@@ -451,6 +456,7 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         shape = r.shape if r.layers == r.full_layers else f"{r.shape} ({r.layers} of {r.full_layers} layers)"
         tool = r.tool if r.nproc == 1 else f"{r.tool} (torchrun x{r.nproc})"
+        tool += f", GPU capped at {r.device_memory_gib:g} GiB" if r.device_memory_gib else ""
         quant = f(r.quantize_s) if r.exit_code == 0 else f"failed (exit {r.exit_code})"
         gpu = f"{f(r.gpu_allocated_gib, 2)} / {f(r.gpu_reserved_gib, 2)} / {f(r.gpu_smi_gib, 2)}"
         rat = ratio(r, rows)
@@ -509,6 +515,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="processes for ours: N > 1 launches torchrun --standalone --nproc-per-node N; several values "
                          "run ours once per value, and the table compares each torchrun run with one process (time "
                          "and output bytes); llm-compressor runs in one process (default 1)")
+    ap.add_argument("--device-memory-gib", type=float,
+                    help="ours: run.device_memory_gib, PyTorch's allocator capped at this many GiB per process (shows "
+                         "a run fitting a smaller GPU: the inputs go to host memory when they do not fit a quarter)")
     ap.add_argument("--peer-python", default=sys.executable,
                     help="the interpreter that has llmcompressor (its own venv, see benchmarks/README.md); default: this one")
     ap.add_argument("--peer-bs", type=int, default=16, help="llm-compressor's calibration batch size (default 16)")
@@ -557,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
                       details={"calibration": {**calib_info, "path": str(calib)}, "template": method.template})
         if not args.peer_only:
             for nproc in args.nproc:
-                rows.append(Row(tool="ours", nproc=nproc, **copy.deepcopy(common)))
+                rows.append(Row(tool="ours", nproc=nproc, device_memory_gib=args.device_memory_gib, **copy.deepcopy(common)))
                 run_ours(rows[-1], model, calib, workdir, logs, calib_info)
         if not peer_skip:
             ids_path = workdir / f"ids_{name}_{args.samples}x{method.seq_len}.pt"

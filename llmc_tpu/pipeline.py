@@ -30,7 +30,7 @@ from llmc_tpu.engine.distributed import (
     share_cpu_threads,
 )
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
-from llmc_tpu.engine.microbatch import inputs_device, micro_batch_size
+from llmc_tpu.engine.microbatch import free_bytes, inputs_device, limit_device_memory, micro_batch_size
 from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
 from llmc_tpu.export.formats import EXPORTS, export_options, write_exports
 from llmc_tpu.export.gptq_checkpoint import FOLDER as GPTQ_FOLDER
@@ -155,6 +155,7 @@ class Quantizer:
         self.vlm_eval: dict[str, vlm_quant.VlmEvalSet] = {}
         self.ranks = launched_ranks()  # torchrun: this process's share of the calibration samples
         self.shard: Shard | None = None  # set with the calibration inputs
+        self.memory_cap: int | None = None  # run.device_memory_gib in bytes, once the device is known
 
     def _bar(self, iterable, **kwargs):
         return tqdm(iterable, disable=not self.progress, leave=False, **kwargs)
@@ -247,6 +248,7 @@ class Quantizer:
                             cfg.model.trust_remote_code, cfg.calib.min_pixels, cfg.calib.max_pixels)
         self.device = pick_device(cfg.run.device, self.ranks)
         init_process_group(self.ranks, self.device)
+        self.memory_cap = limit_device_memory(self.device, cfg.run.device_memory_gib)
         threads = share_cpu_threads(self.ranks)
         if threads is not None and self.ranks.main:
             log.info("torchrun set OMP_NUM_THREADS=1: each process uses %d CPU threads instead (set OMP_NUM_THREADS "
@@ -338,7 +340,8 @@ class Quantizer:
                 n = samples.shape[0]
                 size = self.cfg.calib.bs
                 if size == -1:  # as many samples per forward as fit the device (within a part, below)
-                    size = micro_batch_size(n, samples.shape[1], loaded.model.config, self.device)
+                    size = micro_batch_size(n, samples.shape[1], loaded.model.config, self.device,
+                                            free=free_bytes(self.device, self.memory_cap))
                 # batches within the parts of the fixed summing order, this process's parts only (torchrun)
                 self.shard = Shard(n, self.ranks)
                 batches = [samples[r.start:r.stop] for r in micro_batches(n, size) if r.start in self.shard.mine]
@@ -350,7 +353,8 @@ class Quantizer:
             if isinstance(batches[0], torch.Tensor):
                 n = sum(b.shape[0] for b in batches)
                 store = inputs_device(n, batches[0].shape[1], loaded.model.config, self.device,
-                                      next(loaded.model.parameters()).element_size())
+                                      next(loaded.model.parameters()).element_size(),
+                                      free=free_bytes(self.device, self.memory_cap))
             info["inputs_on"] = str(store)  # between blocks: the device while they fit, else (pinned) host memory
             self.report.data["calib"] = info
             inputs = capture_block_inputs(loaded.model, loaded.spec, batches, store_device=store)

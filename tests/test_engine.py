@@ -29,3 +29,13 @@ def test_capture_keeps_every_kwarg(tiny_llama):
     assert out[0].hidden.shape == (2, 8, 128) and not torch.equal(out[0].hidden, inp.hidden)
     # the real first block is restored after capturing
     assert type(blocks_of(loaded.model, loaded.spec)[0]).__name__ == "LlamaDecoderLayer"
+
+
+def test_captured_inputs_are_stored_where_asked(tiny_llama):
+    """Hidden states and every tensor kwarg go to ``store_device`` (the pipeline's GPU when they fit): inputs
+    left behind in host memory cost a 7B block two pageable copies per sample, 5x its forward."""
+    loaded = load_model(str(tiny_llama), torch_dtype="float32")
+    (inp,) = capture_block_inputs(loaded.model, loaded.spec, [torch.randint(0, 512, (2, 8))], store_device="meta")
+    tensors = [inp.hidden, *inp.kwargs["position_embeddings"]]
+    tensors += [v for v in inp.kwargs.values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) >= 3 and all(t.device.type == "meta" for t in tensors)

@@ -51,9 +51,30 @@ def test_micro_batches_give_the_one_batch_result(method, tiny_llama, eval_txt, t
 
     one, one_weights, _ = run("one")
     per_sample = microbatch.bytes_per_token(AutoConfig.from_pretrained(tiny_llama), 64) * 64
-    monkeypatch.setattr(microbatch, "free_bytes", lambda device: int(3 * per_sample / microbatch.BUDGET_SHARE))
+    monkeypatch.setattr("llmc_tpu.pipeline.free_bytes", lambda device, cap=None: int(3 * per_sample / microbatch.BUDGET_SHARE))
     split, split_weights, _ = run("split")
     # 32 samples: 8 parts of 4 (engine.distributed), each one batch, or split as 3 + 1
     assert one["micro_batch"] == 4 and split["micro_batch"] == 3
     for name, w in one_weights.items():  # bit for bit: the statistics do not depend on how samples are batched
         assert torch.equal(split_weights[name], w), name
+
+
+def test_a_device_memory_cap_bounds_the_free_memory(monkeypatch):
+    """run.device_memory_gib: what is left of the cap after PyTorch's reserved memory, never more than is free."""
+    gpu = torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 * 2**30, 141 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * 2**30)
+    assert microbatch.free_bytes(gpu) == 100 * 2**30
+    assert microbatch.free_bytes(gpu, cap=24 * 2**30) == 18 * 2**30
+    assert microbatch.free_bytes(gpu, cap=200 * 2**30) == 100 * 2**30
+    assert microbatch.free_bytes(gpu, cap=4 * 2**30) == 0
+    assert microbatch.limit_device_memory(torch.device("cpu"), 24) is None  # no allocator to cap on the host
+
+
+def test_device_memory_cap_is_validated():
+    from llmc_tpu.config import ConfigError, parse_config
+
+    base = {"model": {"path": "m"}, "quant": {"method": "RTN"}, "save": {"save_path": "s"}}
+    assert parse_config({**base, "run": {"device_memory_gib": 24}}).run.device_memory_gib == 24
+    with pytest.raises(ConfigError, match="device_memory_gib"):
+        parse_config({**base, "run": {"device_memory_gib": 0}})

@@ -160,6 +160,10 @@ class RunSection(Section):
     chip: Literal["bm1684x", "bm1688", "cv186x"] = "bm1684x"
     tpu_dtype: Literal["bf16", "f16"] = Field("bf16", description="activation dtype on the TPU: W*BF16 or W*F16")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
+    device_memory_gib: float | None = Field(
+        None, gt=0, description="GPU memory this run may use, in GiB (per process), enforced by PyTorch's allocator; "
+                                "micro-batches and where the block inputs live are sized from it (default: the GPU's "
+                                "free memory)")
     seq_length: int = Field(512, gt=0, description="max sequence length of the deployed model (llm_convert.py -s)")
 
 

@@ -88,11 +88,14 @@ def capture_block_inputs(model: nn.Module, spec: ModelSpec, batches: Iterable[to
                 pass
     finally:
         blocks[0] = first
-    stored = [move(c, store_device) for c in captured]
-    if torch.device(store_device).type == "cpu" and torch.cuda.is_available():  # host copies of CUDA work: pinned
-        for c in stored:
-            c.hidden = c.hidden.pin_memory()
-    return stored
+    pin = torch.device(store_device).type == "cpu" and torch.cuda.is_available()  # host copies of CUDA work: pinned
+    return [BlockInput(_pinned(c.hidden) if pin else c.hidden.to(store_device), move(c.kwargs, store_device))
+            for c in captured]
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in pinned host memory (copies to and from the GPU at full speed, with no staging)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
 
 
 @torch.no_grad()
@@ -104,5 +107,6 @@ def run_block(block: nn.Module, inputs: list[BlockInput], device: torch.device |
         args = kwargs.pop("_positional", ())
         out = block(inp.hidden.to(device), *args, **kwargs)
         hidden = out[0] if isinstance(out, (tuple, list)) else out
-        outputs.append(BlockInput(hidden.to(inp.hidden.device), inp.kwargs))
+        kept = _pinned(hidden) if inp.hidden.is_pinned() else hidden.to(inp.hidden.device)  # where the inputs were
+        outputs.append(BlockInput(kept, inp.kwargs))
     return outputs

@@ -18,11 +18,14 @@ import torch
 BUDGET_SHARE = 0.25  # of the free memory, for one micro-batch's intermediates (the rest: weights, stored inputs)
 
 
-def free_bytes(device: torch.device) -> int:
-    """Free memory of the device: CUDA's own count, else the host's available memory (Linux)."""
+def free_bytes(device: torch.device, cap: int | None = None) -> int:
+    """Free memory of the device: CUDA's own count (within ``cap`` bytes for this process, when given: what is
+    left of the cap after what PyTorch has reserved), else the host's available memory (Linux)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        if cap is not None:
+            free = min(free, cap - torch.cuda.memory_reserved(device))
+        return max(0, int(free))
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
@@ -65,3 +68,14 @@ def inputs_device(n_samples: int, seq_len: int, config: Any, device: torch.devic
         return device
     needed = 2 * n_samples * seq_len * _sizes(config)[0] * dtype_bytes
     return device if needed <= BUDGET_SHARE * (free_bytes(device) if free is None else free) else torch.device("cpu")
+
+
+def limit_device_memory(device: torch.device, gib: float | None) -> int | None:
+    """Cap what PyTorch's allocator may hold on a CUDA device at ``gib`` GiB (``run.device_memory_gib``): an
+    allocation past it fails as out of memory. Returns the cap in bytes (None: no cap, or not a CUDA device)."""
+    if gib is None or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = int(gib * 2**30)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    return min(cap, total)
