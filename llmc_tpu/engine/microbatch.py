@@ -75,7 +75,8 @@ def limit_device_memory(device: torch.device, gib: float | None) -> int | None:
     allocation past it fails as out of memory. Returns the cap in bytes (None: no cap, or not a CUDA device)."""
     if gib is None or device.type != "cuda":
         return None
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = torch.cuda.current_device() if device.index is None else device.index  # the call wants an index
+    total = torch.cuda.get_device_properties(index).total_memory
     cap = int(gib * 2**30)
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), device)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), index)
     return min(cap, total)
