@@ -17,7 +17,7 @@ from llmc_tpu import vlm_quant
 from llmc_tpu.config.load import tpu_format
 from llmc_tpu.config.schema import RunConfig, chooses_codes
 from llmc_tpu.data.text import DataError, eval_text
-from llmc_tpu.engine.blockwise import BlockInput, blocks_of, capture_block_inputs, run_block
+from llmc_tpu.engine.blockwise import BlockInput, blocks_of, capture_block_inputs, host_tensors, put_back, run_block
 from llmc_tpu.engine.distributed import (
     PARTS,
     WORLD_SIZES,
@@ -30,6 +30,7 @@ from llmc_tpu.engine.distributed import (
     share_cpu_threads,
 )
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
+from llmc_tpu.engine.host_memory import release_file_pages
 from llmc_tpu.engine.microbatch import free_bytes, inputs_device, limit_device_memory, micro_batch_size
 from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
 from llmc_tpu.export.formats import EXPORTS, export_options, write_exports
@@ -285,10 +286,12 @@ class Quantizer:
             prefix = f"{spec.blocks}.{i}"
             if i < self.ckpt.done_blocks:  # finished before an interruption: restore, only recompute its outputs
                 chosen = self.ckpt.restore_block(i, block)
+                on_host = host_tensors(block)
                 block.to(self.device)
                 block_results = quantize_block(block, spec, self.fmt, prefix, chosen)
             else:
                 with split("transfer"):
+                    on_host = host_tensors(block)
                     block.to(self.device)
                 ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs, head_dim=_head_dim(model.config),
                                    config=model.config, shard=self.shard)
@@ -302,6 +305,8 @@ class Quantizer:
                 with split("checkpoint"):
                     self.ckpt.save_block(i, block if method.changes_weights else None, ctx.results,
                                          {"block": i, **ctx.report} if ctx.report else {})
+                    if i:  # save_block waited for the previous block's files
+                        self._map_from_checkpoint(i - 1, blocks[i - 1], f"{spec.blocks}.{i - 1}", results)
             results.update(block_results)
             if inputs is not None and i + 1 < len(blocks):
                 with split("next block inputs"):
@@ -312,9 +317,15 @@ class Quantizer:
                         inputs = run_block(block, inputs, self.device)
                 check_finite_outputs(inputs, prefix)
             with split("transfer"):
-                block.to("cpu")
+                if method.changes_weights:
+                    block.to("cpu")
+                else:  # the float weights are those it came with: back to their host tensors (file-backed), no copy
+                    put_back(on_host)
+                release_file_pages(t for *_, t in on_host)  # read for the last time in this stage
         with split("checkpoint"):
             self.ckpt.wait()  # the last block's files
+            if blocks and self.ckpt.done_blocks == len(blocks):
+                self._map_from_checkpoint(len(blocks) - 1, blocks[-1], f"{spec.blocks}.{len(blocks) - 1}", results)
         for name, seconds in split.times.items():
             self.timer.times[f"quantize: {name}"] = seconds
         per_block = [r for r in self.ckpt.state["block_reports"] if r]
@@ -328,6 +339,21 @@ class Quantizer:
         return results
 
     # -- helpers ------------------------------------------------------------------------------
+    def _map_from_checkpoint(self, index: int, block: torch.nn.Module, prefix: str, results: QuantResults) -> None:
+        """Once a block's checkpoint is written, its changed float weights and chosen codes are read from those
+        files (mapped: the same values, in pages the system can drop) instead of kept in the process's memory."""
+        mapped = self.ckpt.mapped_block(index)
+        if mapped is None:
+            return
+        weights, chosen = mapped
+        if weights is not None:
+            block.load_state_dict(weights, assign=True)
+        for name, result in chosen.items():
+            if f"{prefix}.{name}" not in results:
+                raise PipelineError(f"{prefix}.{name}: in the block's checkpoint but not among its results")
+            results[f"{prefix}.{name}"] = result
+
+
     def _calibration_inputs(self, loaded: LoadedModel) -> list[BlockInput]:
         from llmc_tpu.data.calib import calibration_batches
 

@@ -119,6 +119,18 @@ class Checkpoints:
         weights = self.folder / f"block_{index}.safetensors"
         if weights.exists():
             block.load_state_dict(load_file(str(weights)))
+        return self._chosen(index)
+
+    def mapped_block(self, index: int) -> tuple[dict[str, torch.Tensor] | None, QuantResults] | None:
+        """A written block's float weights (None where the model folder has them) and chosen codes, as tensors
+        mapped from its files: the same values as the run's own, in memory the system can page out and in
+        (``engine.host_memory``) instead of the process's. Call once the block's write has landed (``wait()``)."""
+        if self.done_blocks <= index:
+            return None
+        weights = self.folder / f"block_{index}.safetensors"
+        return (load_file(str(weights)) if weights.exists() else None), self._chosen(index)
+
+    def _chosen(self, index: int) -> QuantResults:
         path = str(self.folder / f"results_{index}.safetensors")
         from safetensors import safe_open
 
@@ -148,3 +160,6 @@ class NoCheckpoints:
 
     def wait(self) -> None:
         pass
+
+    def mapped_block(self, index: int) -> None:
+        return None

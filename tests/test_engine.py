@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_model
 
-from llmc_tpu.engine.blockwise import blocks_of, capture_block_inputs, run_block
+from llmc_tpu.engine.blockwise import blocks_of, capture_block_inputs, host_tensors, put_back, run_block
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
 from llmc_tpu.models.loading import load_model
 
@@ -39,3 +39,20 @@ def test_captured_inputs_are_stored_where_asked(tiny_llama):
     tensors = [inp.hidden, *inp.kwargs["position_embeddings"]]
     tensors += [v for v in inp.kwargs.values() if isinstance(v, torch.Tensor)]
     assert len(tensors) >= 3 and all(t.device.type == "meta" for t in tensors)
+
+
+def test_a_block_goes_back_to_its_own_host_tensors(tiny_llama):
+    """GPTQ leaves the float weights as they were: after the device work the block points at its host tensors
+    again (no copy). 'meta' stands in for the GPU here."""
+    loaded = load_model(str(tiny_llama), torch_dtype="float32")
+    block = blocks_of(loaded.model, loaded.spec)[0]
+    before = {name: (t.data_ptr(), t.clone()) for name, t in block.state_dict().items()}
+    saved = host_tensors(block)
+    block.to("meta")
+    assert all(t.device.type == "meta" for t in block.state_dict().values())
+    put_back(saved)
+    after = block.state_dict()
+    assert after.keys() == before.keys()
+    for name, (ptr, value) in before.items():
+        assert after[name].data_ptr() == ptr and torch.equal(after[name], value), name
+    assert isinstance(block.self_attn.q_proj.weight, torch.nn.Parameter)

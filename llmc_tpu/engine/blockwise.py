@@ -41,6 +41,27 @@ def move(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+def host_tensors(module: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Tensor]]:
+    """Every parameter's and buffer's tensor of ``module`` as it is now, to be put back by ``put_back``."""
+    return [(m, name, True, p.data) for m in module.modules() for name, p in m._parameters.items() if p is not None] + \
+           [(m, name, False, b) for m in module.modules() for name, b in m._buffers.items() if b is not None]
+
+
+def put_back(saved: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> None:
+    """Point the parameters and buffers at the tensors ``host_tensors`` saved (same values, as the caller knows):
+    after a block's device work, the model's own host tensors (mapped from the safetensors files) instead of
+    the fresh host copies ``block.to("cpu")`` would allocate, a whole model's worth over a run."""
+    for m, name, is_param, t in saved:
+        if is_param:
+            param = m._parameters[name]
+            if torch._has_compatible_shallow_copy_type(param, t):  # as Module._apply decides
+                param.data = t
+            else:
+                m._parameters[name] = nn.Parameter(t, requires_grad=param.requires_grad)
+        else:
+            m._buffers[name] = t
+
+
 def blocks_of(model: nn.Module, spec: ModelSpec) -> nn.ModuleList:
     return model.get_submodule(spec.blocks)
 
