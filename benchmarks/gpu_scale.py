@@ -33,6 +33,7 @@ Examples (on one H200; each command must finish within 10 minutes there, so one 
     python benchmarks/gpu_scale.py --shape 70b --layers 2 --methods gptq --no-peer --device-memory-gib 24   # a 24 GB GPU
     python benchmarks/gpu_scale.py --shape 7b --methods gptq --no-peer --nproc 1 2  # 1 GPU, then torchrun on 2
     python benchmarks/gpu_scale.py --shape tiny --samples 8 --no-peer --out /tmp/t.json   # a CPU smoke run
+    python benchmarks/gpu_scale.py --shape host --samples 8 --no-peer --out results/host_memory_cpu.json  # host RSS, CPU
 
 Rows of earlier runs in ``--out`` are kept unless the same (shape, layers, method, tool, processes, samples)
 is measured again. Logs of every process (and a copy of our run's report.json) are in ``WORKDIR/logs/``.
@@ -99,6 +100,7 @@ SHAPES = {
     "7b": Shape(4096, 11008, 32, 32, 32),  # Llama-2-7B
     "70b": Shape(8192, 28672, 64, 8, 80),  # Llama-2-70B
     "tiny": Shape(64, 192, 4, 2, 4),  # a CPU smoke run (intermediate a multiple of the group size, as TPU-MLIR needs)
+    "host": Shape(2048, 5632, 16, 16, 8),  # 7B's proportions at 1/4 width, 8 layers (1.1 GB): host memory on a CPU
 }
 
 
@@ -500,7 +502,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "\n\nSee the module docstring (and benchmarks/README.md) for what each figure is.")
     ap.add_argument("--shape", choices=list(SHAPES), default="7b",
                     help="7b: Llama-2-7B (hidden 4096, 32 layers); 70b: Llama-2-70B (hidden 8192, GQA 64/8, 80 layers; "
-                         "138 GB in full, so use --layers); tiny: hidden 64, 4 layers, for a CPU smoke run (default 7b)")
+                         "138 GB in full, so use --layers); tiny: hidden 64, 4 layers, for a CPU smoke run; host: hidden 2048, "
+                         "8 layers (1.1 GB), peak host memory of a CPU run against the model's size (default 7b)")
     ap.add_argument("--layers", type=int, help="build and run only this many decoder layers; the table's projection "
                                                "scales the quantize time to the shape's full layer count")
     ap.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS),

@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from llmc_tpu.engine.host_memory import release_file_pages
 from llmc_tpu.export.hf_folder import copy_side_files, set_dtype_fields
 from llmc_tpu.tpu.chips import quantized_out_features
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat
@@ -132,6 +133,7 @@ def save_gptq_checkpoint(model: nn.Module, tokenizer, source: Path, dest: Path, 
         if q.fmt != fmt:
             raise CheckpointError(f"{name}: quantized as {q.fmt}, checkpoint format {fmt}")
         tensors.update(linear_tensors(name, q))
+        release_file_pages([q.codes])  # packed now; codes read from a file mapping (a run's checkpoints) go back
     tensors.update(_float_state(model, {f"{n}.weight" for n in results}, fmt.torch_scale_dtype))
     if original_keys:
         from transformers.core_model_loading import revert_weight_conversion
