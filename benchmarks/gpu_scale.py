@@ -33,7 +33,7 @@ Examples (on one H200; each command must finish within 10 minutes there, so one 
     python benchmarks/gpu_scale.py --shape 70b --layers 2 --methods gptq --no-peer --device-memory-gib 24   # a 24 GB GPU
     python benchmarks/gpu_scale.py --shape 7b --methods gptq --no-peer --nproc 1 2  # 1 GPU, then torchrun on 2
     python benchmarks/gpu_scale.py --shape tiny --samples 8 --no-peer --out /tmp/t.json   # a CPU smoke run
-    python benchmarks/gpu_scale.py --shape host --samples 8 --no-peer --out results/host_memory_cpu.json  # host RSS, CPU
+    python benchmarks/gpu_scale.py --shape host --samples 8 --methods gptq --no-peer --out /tmp/host.json  # host RSS, CPU
 
 Rows of earlier runs in ``--out`` are kept unless the same (shape, layers, method, tool, processes, samples)
 is measured again. Logs of every process (and a copy of our run's report.json) are in ``WORKDIR/logs/``.
