@@ -353,7 +353,6 @@ class Quantizer:
                 raise PipelineError(f"{prefix}.{name}: in the block's checkpoint but not among its results")
             results[f"{prefix}.{name}"] = result
 
-
     def _calibration_inputs(self, loaded: LoadedModel) -> list[BlockInput]:
         from llmc_tpu.data.calib import calibration_batches
 
