@@ -73,3 +73,19 @@ def test_finished_blocks_are_read_back_from_their_checkpoint_files(method, tiny_
     pipeline.Quantizer(cfg, progress=False).run()
     mapped = seen["codes"] if method == "GPTQ" else seen["weights"]
     assert mapped and all(mapped.values()), [n for n, ok in mapped.items() if not ok]
+
+
+def test_pagemap_entries_decide_what_may_go():
+    import io
+    import struct
+
+    from llmc_tpu.engine.host_memory import _FILE_OR_SHARED, _PRESENT, _pages_still_the_files
+
+    def pagemap(*entries: int) -> io.BytesIO:
+        return io.BytesIO(struct.pack(f"<{len(entries)}Q", *entries))
+
+    file_page, anon_page = _PRESENT | _FILE_OR_SHARED, _PRESENT
+    assert _pages_still_the_files(pagemap(file_page, 0, file_page), 0, 3)
+    assert not _pages_still_the_files(pagemap(file_page, anon_page), 0, 2)  # a written page: its values are only here
+    assert not _pages_still_the_files(pagemap(0, 0), 0, 2)  # nothing present, or no flags shown: left alone
+    assert not _pages_still_the_files(pagemap(file_page), 0, 2)  # a short read

@@ -63,15 +63,20 @@ def file_mappings(suffix: str = ".safetensors") -> list[tuple[int, int, str]]:
 
 
 def _pages_still_the_files(pagemap, first: int, count: int) -> bool:
-    """Whether no present page of ``count`` pages from page number ``first`` is private anonymous (written)."""
+    """Whether some of ``count`` pages from page number ``first`` are present and none of those is private
+    anonymous (written). No page present: nothing to give back, or a pagemap that shows no flags (trusted
+    with nothing)."""
     pagemap.seek(first * 8)
     data = pagemap.read(count * 8)
     if len(data) != count * 8:
         return False
+    present = False
     for (entry,) in struct.iter_unpack("<Q", data):
-        if entry & _PRESENT and not entry & _FILE_OR_SHARED:
-            return False
-    return True
+        if entry & _PRESENT:
+            if not entry & _FILE_OR_SHARED:
+                return False
+            present = True
+    return present
 
 
 def release_file_pages(tensors: Iterable[torch.Tensor]) -> int:
