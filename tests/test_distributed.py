@@ -177,10 +177,10 @@ def test_parts_parked_in_host_memory_give_the_same_sum(monkeypatch):
 
     on_device = total()
     monkeypatch.setattr(distributed, "HOST_NODE_BYTES", 0)
-    distributed._HostNodes.free.clear()
+    distributed._PARKING.clear()
     parked = total()
     assert parked.device.type == "cuda" and torch.equal(parked, on_device)
-    assert distributed._HostNodes.free[((96, 96), torch.float32)]  # buffers came back for the next sum
+    assert distributed._PARKING[((96, 96), torch.float32)]  # buffers came back for the next sum
     seq = torch.zeros_like(on_device)
     for sample in x:
         seq.add_(sample)

@@ -175,9 +175,9 @@ def _collective_device() -> torch.device:
 
 
 def _add(nodes: dict[tuple[int, int], torch.Tensor], level: int, index: int, value: torch.Tensor,
-         fetch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """Put a node in; while its sibling is there, add the two (left + right) into their parent. Returns the node
-    finally stored (the caller may move it); ``fetch`` brings a stored sibling back next to ``value``."""
+         fetch: Callable[[torch.Tensor], torch.Tensor]) -> tuple[int, int]:
+    """Put a node in; while its sibling is there, add the two (left + right) into their parent. Returns the key of
+    the node finally stored (the caller may move it); ``fetch`` brings a stored sibling back next to ``value``."""
     while (level, index ^ 1) in nodes:
         sibling = fetch(nodes.pop((level, index ^ 1)))
         left, right = (sibling, value) if index & 1 else (value, sibling)
@@ -200,32 +200,33 @@ def _fold(nodes: dict[tuple[int, int], torch.Tensor], level: int, index: int,
     return left.add_(right)
 
 
-class _HostNodes:
-    """Finished nodes of large sums parked in pinned host memory while the device sums the next part: copies
-    on the device's current stream, so each lands before anything that later reads or reuses its memory;
-    buffers are reused across sums of the same shape (one per pending node, at most four)."""
+# pinned host buffers of parked nodes, by (shape, dtype): reused across sums (one per pending node, at most four)
+_PARKING: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
 
-    free: dict[tuple[tuple[int, ...], torch.dtype], list[torch.Tensor]] = {}
 
-    def park(self, value: torch.Tensor) -> torch.Tensor:
-        pool = self.free.setdefault((tuple(value.shape), value.dtype), [])
-        if pool:
-            host = pool.pop()
-        else:
-            try:
-                host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-            except RuntimeError:  # no pinned memory for this accelerator: a plain (synchronous) copy
-                host = torch.empty(value.shape, dtype=value.dtype)
-        return host.copy_(value, non_blocking=host.is_pinned())
+def _park(value: torch.Tensor) -> torch.Tensor:
+    """A finished node of a large sum moved to pinned host memory while the device sums the next part. Copies run
+    on the device's current stream, so each lands before anything that later reads or reuses its memory."""
+    pool = _PARKING.setdefault((tuple(value.shape), value.dtype), [])
+    if pool:
+        host = pool.pop()
+    else:
+        try:
+            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        except RuntimeError:  # no pinned memory for this accelerator: a plain (synchronous) copy
+            host = torch.empty(value.shape, dtype=value.dtype)
+    return host.copy_(value, non_blocking=host.is_pinned())
 
-    def fetch(self, host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-        if host.device == torch.device(device):
-            return host
-        value = host.to(device, non_blocking=host.is_pinned())
-        pool = self.free.setdefault((tuple(host.shape), host.dtype), [])
-        if len(pool) < 4:
-            pool.append(host)
-        return value
+
+def _unpark(node: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A node on ``device``: a parked one copied back (its buffer returns to the pool), any other as it is."""
+    if node.device == torch.device(device):
+        return node
+    value = node.to(device, non_blocking=node.is_pinned())
+    pool = _PARKING.setdefault((tuple(node.shape), node.dtype), [])
+    if len(pool) < 4:
+        pool.append(node)
+    return value
 
 
 class OrderedSum:
@@ -246,7 +247,6 @@ class OrderedSum:
         self.part: int | None = None
         self.acc: torch.Tensor | None = None
         self.nodes: dict[tuple[int, int], torch.Tensor] = {}
-        self.host = _HostNodes()
         self.loose: torch.Tensor | None = None
 
     def slot(self, per_sample: bool = True) -> torch.Tensor:
@@ -267,14 +267,14 @@ class OrderedSum:
         return self.acc
 
     def _fetch(self, node: torch.Tensor) -> torch.Tensor:
-        return self.host.fetch(node, self.device)
+        return _unpark(node, self.device)
 
     def _close(self) -> None:
         if self.acc is not None:
             acc, self.acc = self.acc, None
             key = _add(self.nodes, 0, self.part, acc, self._fetch)
             if acc.device.type != "cpu" and acc.numel() * acc.element_size() >= HOST_NODE_BYTES:
-                self.nodes[key] = self.host.park(self.nodes[key])
+                self.nodes[key] = _park(self.nodes[key])
 
     def result(self) -> torch.Tensor:
         self._close()
