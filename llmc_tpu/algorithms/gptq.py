@@ -27,6 +27,7 @@ A Cholesky failure multiplies ``percdamp`` by 10 and retries, with a warning in 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -295,8 +296,8 @@ def _block(n: int, width: int, device: torch.device) -> _Block:
 def _chunk_bounds(sizes: list[int], n: int) -> list[slice]:
     if sum(sizes) != n or min(sizes, default=0) < 0:
         raise ValueError(f"row_chunks {sizes} do not add up to the {n} rows")
-    starts = [sum(sizes[:i]) for i in range(len(sizes))]
-    return [slice(a, a + size) for a, size in zip(starts, sizes) if size]
+    ends = list(itertools.accumulate(sizes))
+    return [slice(end - size, end) for end, size in zip(ends, sizes) if size]
 
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, blocksize: int = 128,
