@@ -35,8 +35,8 @@ Examples (on one H200; each command must finish within 10 minutes there, so one 
     python benchmarks/gpu_scale.py --shape tiny --samples 8 --no-peer --out /tmp/t.json   # a CPU smoke run
     python benchmarks/gpu_scale.py --shape host --samples 8 --methods gptq --no-peer --out /tmp/host.json  # host RSS, CPU
 
-Rows of earlier runs in ``--out`` are kept unless the same (shape, layers, method, tool, processes, samples)
-is measured again. Logs of every process (and a copy of our run's report.json) are in ``WORKDIR/logs/``.
+Rows of earlier runs in ``--out`` are kept unless the same (shape, layers, method, tool, processes, samples,
+GPU cap) is measured again. Logs of every process (and a copy of our run's report.json) are in ``WORKDIR/logs/``.
 The script also runs itself as the model builder (``_build``) and the llm-compressor worker (``_peer``).
 """
 
@@ -429,26 +429,30 @@ def run_peer(row: Row, model: Path, ids_path: Path, logs: Path, python: str, bat
 
 
 # -- the result -----------------------------------------------------------------------------------------
+def ours_one_process(row: Row, rows: list[Row]) -> Row | None:
+    """Our one-process, uncapped row with a quantize time on the same shape, layers, method and samples."""
+    return next((r for r in rows if r.tool == "ours" and r.nproc == 1 and r.quantize_s and not r.device_memory_gib and
+                 (r.shape, r.layers, r.method, r.samples) == (row.shape, row.layers, row.method, row.samples)), None)
+
+
 def ratio(row: Row, rows: list[Row]) -> float | None:
     """Peer oneshot time / our quantize time on the same shape, layers, method and samples (one process each)."""
     if row.tool == "ours" or row.quantize_s is None:
         return None
-    ours = [r for r in rows if r.tool == "ours" and r.nproc == 1 and r.quantize_s and not r.device_memory_gib and
-            (r.shape, r.layers, r.method, r.samples) == (row.shape, row.layers, row.method, row.samples)]
-    return row.quantize_s / ours[0].quantize_s if ours else None
+    ours = ours_one_process(row, rows)
+    return row.quantize_s / ours.quantize_s if ours else None
 
 
 def versus_one_process(row: Row, rows: list[Row]) -> str:
     """For a torchrun row: one process's quantize time / this row's, and whether the outputs are the same bytes."""
     if row.tool != "ours" or row.nproc == 1 or not row.quantize_s:
         return "-"
-    one = [r for r in rows if r.tool == "ours" and r.nproc == 1 and r.quantize_s and not r.device_memory_gib and
-           (r.shape, r.layers, r.method, r.samples) == (row.shape, row.layers, row.method, row.samples)]
-    if not one:
+    one = ours_one_process(row, rows)
+    if one is None:
         return "-"
-    mine, theirs = row.details.get("outputs_sha256"), one[0].details.get("outputs_sha256")
+    mine, theirs = row.details.get("outputs_sha256"), one.details.get("outputs_sha256")
     same = "no outputs hashed" if not (mine and theirs) else "same bytes" if mine == theirs else "OUTPUTS DIFFER"
-    return f"{one[0].quantize_s / row.quantize_s:.2f}x, {same}"
+    return f"{one.quantize_s / row.quantize_s:.2f}x, {same}"
 
 
 def table(rows: list[Row]) -> str:
