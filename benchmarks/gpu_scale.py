@@ -342,7 +342,8 @@ def read_report(row: Row, report: dict[str, Any], calib_info: dict[str, Any]) ->
     row.quantize_s = timings.get("quantize")
     calib = report.get("data", {}).get("calib", {})
     same = all(calib.get(k) == calib_info.get(k) for k in ("preproc", "n_samples", "seq_len", "seed", "source_tokens"))
-    row.details.update(timings_s=timings, calib=calib, same_windows_as_peer=same, model=report.get("model"))
+    row.details.update(timings_s=timings, peak_memory_gib=report.get("peak_memory_gib", {}), calib=calib,
+                       same_windows_as_peer=same, model=report.get("model"))
     if not same:
         print(f"WARNING: our run's calibration ({calib}) differs from the peer's windows ({calib_info})", flush=True)
     if row.quantize_s is not None and row.layers < row.full_layers:

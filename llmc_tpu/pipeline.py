@@ -30,7 +30,7 @@ from llmc_tpu.engine.distributed import (
     share_cpu_threads,
 )
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
-from llmc_tpu.engine.host_memory import release_file_pages
+from llmc_tpu.engine.host_memory import peak_rss_bytes, release_file_pages
 from llmc_tpu.engine.microbatch import free_bytes, inputs_device, limit_device_memory, micro_batch_size
 from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
 from llmc_tpu.export.formats import EXPORTS, export_options, write_exports
@@ -130,14 +130,31 @@ def check_distributed(cfg: RunConfig, ranks: Ranks, resume: bool) -> None:
 
 
 class _Timer:
-    def __init__(self) -> None:
+    """Seconds per stage (summed over calls) and, with ``memory``, the peak host and GPU memory once each stage
+    has run: a peak that rises after a stage is that stage's."""
+
+    def __init__(self, memory: bool = False) -> None:
         self.times: dict[str, float] = {}
+        self.memory: dict[str, dict[str, float]] | None = {} if memory else None
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
         self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+        if self.memory is not None:
+            self.memory[name] = peak_memory_gib()
+
+
+def peak_memory_gib() -> dict[str, float]:
+    """Peak host RSS and peak GPU memory allocated by PyTorch (current device), so far in the process, GiB."""
+    peaks = {}
+    rss = peak_rss_bytes()
+    if rss is not None:
+        peaks["host_rss"] = round(rss / 2**30, 3)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peaks["gpu_allocated"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return peaks
 
 
 class Quantizer:
@@ -150,7 +167,7 @@ class Quantizer:
         self.resume = resume
         self.ckpt: Checkpoints | NoCheckpoints = NoCheckpoints()  # run() replaces it with the output's store
         self.progress = progress
-        self.timer = _Timer()
+        self.timer = _Timer(memory=True)
         self.report = RunReport(config=cfg.model_dump())
         self.vision_results: QuantResults = {}  # quant_objects [vision, language]: fake-quant only (TPU keeps it bf16)
         self.vlm_eval: dict[str, vlm_quant.VlmEvalSet] = {}
@@ -227,6 +244,7 @@ class Quantizer:
             self._summarize_quant(results)
             self._next_steps(out.final)
             self.report.timings_s = {k: round(v, 3) for k, v in self.timer.times.items()}
+            self.report.peak_memory_gib = dict(self.timer.memory or {})
             self.report.outputs["report"] = str(out.final / "report.md")
             self.report.write(out.tmp)
             shutil.rmtree(out.path(RESUME_FOLDER))
@@ -281,7 +299,7 @@ class Quantizer:
         inputs = self._calibration_inputs(loaded) if method.needs_calibration else None
         results: QuantResults = {}
         blocks = blocks_of(model, spec)
-        split = _Timer()  # where the quantize stage's time goes, summed over the blocks (report: timings_s)
+        split = _Timer(memory=True)  # where the quantize stage's time goes, summed over the blocks (report: timings_s)
         for i, block in enumerate(self._bar(blocks, desc=f"{method.name} blocks", unit="block")):
             prefix = f"{spec.blocks}.{i}"
             if i < self.ckpt.done_blocks:  # finished before an interruption: restore, only recompute its outputs
@@ -328,6 +346,8 @@ class Quantizer:
                 self._map_from_checkpoint(len(blocks) - 1, blocks[-1], f"{spec.blocks}.{len(blocks) - 1}", results)
         for name, seconds in split.times.items():
             self.timer.times[f"quantize: {name}"] = seconds
+        if self.timer.memory is not None:
+            self.timer.memory.update({f"quantize: {name}": peaks for name, peaks in (split.memory or {}).items()})
         per_block = [r for r in self.ckpt.state["block_reports"] if r]
         self.report.method = {"name": method.name, "special": self.cfg.quant.special, "blocks": per_block,
                               "calibration": "none (RTN needs no data)" if inputs is None else "see data.calib",

@@ -43,6 +43,7 @@ class RunReport:
     quantized: dict[str, Any] = field(default_factory=dict)
     method: dict[str, Any] = field(default_factory=dict)
     timings_s: dict[str, float] = field(default_factory=dict)
+    peak_memory_gib: dict[str, dict[str, float]] = field(default_factory=dict)  # stage -> peaks so far, once it ran
     outputs: dict[str, str] = field(default_factory=dict)
     onnx: dict[str, Any] = field(default_factory=dict)  # save_onnx: pieces and their max relative error vs torch
     exports: dict[str, dict[str, Any]] = field(default_factory=dict)  # GPU exports: folder, status, serving kernels
@@ -82,6 +83,9 @@ class RunReport:
             lines.append(f"onnx: {len(self.onnx['pieces'])} pieces, max relative error onnxruntime vs torch "
                          f"{self.onnx['max_rel_error']:.1e} ({self.onnx['worst_piece']})")
         lines.append("timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings_s.items()))
+        if self.peak_memory_gib:
+            last = list(self.peak_memory_gib.values())[-1]
+            lines.append("peak memory: " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} GiB" for k, v in last.items()))
         if self.outputs:
             lines.append("outputs:")
             lines += [f"  {k}: {v}" for k, v in self.outputs.items()]
@@ -128,6 +132,16 @@ class RunReport:
                       for name, r in sets.items()]
         return lines + ([""] if lines else [])
 
+    def memory_markdown(self) -> list[str]:
+        """Peak host RSS and GPU memory, as they stood after each stage (the first stage to show a peak made it)."""
+        if not self.peak_memory_gib:
+            return []
+        lines = ["## Peak memory (GiB, so far, after each stage)", "", "| stage | host RSS | GPU allocated |",
+                 "| --- | --- | --- |"]
+        for stage, peaks in self.peak_memory_gib.items():
+            lines.append(f"| {stage} | {peaks.get('host_rss', '-')} | {peaks.get('gpu_allocated', '-')} |")
+        return lines + [""]
+
     def write(self, folder: Path) -> None:
         (folder / "report.json").write_text(json.dumps(self.to_json(), indent=2, default=str) + "\n", encoding="utf-8")
         (folder / "report.md").write_text(self.markdown(), encoding="utf-8")
@@ -143,6 +157,7 @@ class RunReport:
             "## Next steps", "", *[f"    {s}" for s in self.next_steps], "",
             *self.exports_markdown(),
             "## Timings (s)", "", *[f"- {k}: {v:.2f}" for k, v in self.timings_s.items()], "",
+            *self.memory_markdown(),
             "## Resolved config (every default filled)", "", "```json", cfg, "```", "",
             "## Versions", "", *[f"- {k}: {v}" for k, v in self.versions.items()], "",
         ])

@@ -44,6 +44,14 @@ def test_rtn_end_to_end(family, tmp_path, eval_txt):
     assert data["config"]["run"]["chip"] == "bm1684x" and data["config"]["quant"]["weight"]["group_size"] == 64
     assert "llm_convert.py -m" in data["next_steps"][0] and "-q w4bf16 -g 64 -c bm1684x" in data["next_steps"][0]
     assert report.ppl == data["ppl"]
+    # peak memory after each stage: a running peak, never above the process's own count taken after the run
+    import resource
+    peaks = data["peak_memory_gib"]
+    assert {"load", "quantize", "save", "eval pretrain", "quantize: tpu rtn"} <= set(peaks)
+    after_run = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    assert all(0.05 < p["host_rss"] <= after_run + 1e-3 for p in peaks.values())
+    assert peaks["save"]["host_rss"] >= peaks["load"]["host_rss"]
+    assert "## Peak memory" in (save / "report.md").read_text() and "peak memory: host rss" in report.summary()
     # the handed-over model is bf16 and complete
     trans = save / "transformed_model"
     assert json.loads((trans / "config.json").read_text())["dtype"] == "bfloat16"

@@ -113,3 +113,13 @@ def release_file_pages(tensors: Iterable[torch.Tensor]) -> int:
             else:
                 log.debug("madvise failed: %s", os.strerror(ctypes.get_errno()))
     return released
+
+
+def peak_rss_bytes() -> int | None:
+    """The process's peak resident memory so far (``ru_maxrss``), or None where the platform has no such count."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
