@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -91,19 +90,13 @@ def group_grams(x: torch.Tensor, group_size: int, k: int) -> Iterator[torch.Tens
         yield torch.einsum("tgi,tgj->gij", xg, xg)
 
 
-def group_gram(xs: Iterable[torch.Tensor], group_size: int, k: int, total: Any = None) -> torch.Tensor:
-    """Per-group Gram matrices ``[G, g, g]`` of the inputs, summed over every token (float32).
-
-    ``total``: where the sequences' matrices are added (``slot(per_sample)`` gives the tensor to add the next
-    one into, ``result()`` the sum: the pipeline's fixed-order sum over samples); None adds them in order."""
+def group_gram(xs: Iterable[torch.Tensor], group_size: int, k: int) -> torch.Tensor:
+    """Per-group Gram matrices ``[G, g, g]`` of the inputs, summed over every token (float32), in order."""
     gram = None
     for x in xs:
         for part in group_grams(x, group_size, k):
-            if total is not None:
-                total.slot(x.dim() >= 3).add_(part)  # a 2-D input (an MoE expert's rows) is not one sample
-            else:
-                gram = part if gram is None else gram.add_(part)
-    return gram if total is None else total.result()
+            gram = part if gram is None else gram.add_(part)
+    return gram
 
 
 @dataclass

@@ -7,7 +7,7 @@ weights) that TPU-MLIR's own quantizer then turns into exactly the codes we scor
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -18,7 +18,7 @@ from torch import nn
 from llmc_tpu.algorithms.awq import (
     activation_abs_sums,
     apply_clip,
-    group_gram,
+    group_grams,
     search_clip,
     search_scale,
     weight_mean,
@@ -79,18 +79,18 @@ def _cut(v: Any, bs: int, i: int, step: int) -> Any:
 
 
 @torch.no_grad()
-def capture_calls(block: nn.Module, names: list[str], inputs: list[BlockInput], device: torch.device,
-                  ) -> dict[str, list[Call]]:
-    """Run the block on every batch and record every call of the named modules (input and arguments)."""
-    seen: dict[str, list[Call]] = {n: [] for n in names}
+def record_calls(block: nn.Module, names: list[str], inputs: list[BlockInput], device: torch.device,
+                 on_call: Callable[[str, Call], None]) -> None:
+    """Run the block on every batch and hand every call of the named modules (input and arguments) to
+    ``on_call(name, call)`` as it happens, in the order of the batches."""
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict, name: str) -> None:
         kwargs = {k: v for k, v in kwargs.items() if k not in ("output_attentions",)}
         if args:
-            seen[name].append(Call(args[0].detach(), args[1:], kwargs, None))
+            on_call(name, Call(args[0].detach(), args[1:], kwargs, None))
         else:
             key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-            seen[name].append(Call(kwargs.pop(key).detach(), (), kwargs, key))
+            on_call(name, Call(kwargs.pop(key).detach(), (), kwargs, key))
 
     hooks = [block.get_submodule(n).register_forward_pre_hook(partial(hook, name=n), with_kwargs=True) for n in names]
     try:
@@ -101,7 +101,36 @@ def capture_calls(block: nn.Module, names: list[str], inputs: list[BlockInput], 
     finally:
         for h in hooks:
             h.remove()
-    return {n: [c for c in calls if c.x.numel()] for n, calls in seen.items()}
+
+
+def capture_calls(block: nn.Module, names: list[str], inputs: list[BlockInput], device: torch.device,
+                  ) -> dict[str, list[Call]]:
+    """Run the block on every batch and keep every call of the named modules that saw some tokens."""
+    seen: dict[str, list[Call]] = {n: [] for n in names}
+    record_calls(block, names, inputs, device, lambda name, call: seen[name].append(call) if call.x.numel() else None)
+    return seen
+
+
+def input_grams(block: nn.Module, names: list[str], inputs: list[BlockInput], device: torch.device,
+                group_size: int, shard: Shard | None) -> dict[str, torch.Tensor | None]:
+    """Per named Linear, the per-group Gram matrices of its inputs summed over every calibration sample (the
+    fixed order over every process with a shard), added as the block runs: no input is kept. None for a Linear
+    no token reached (an MoE expert the router never picked)."""
+    sums: dict[str, Any] = {}
+
+    def add(name: str, call: Call) -> None:
+        x = call.x
+        if not x.numel():
+            return
+        k = x.shape[-1]
+        g = group_size if group_size > 0 else k
+        if name not in sums:
+            sums[name] = sample_sum(shard, (k // g, g, g), torch.float32, x.device)
+        for part in group_grams(x, group_size, k):
+            sums[name].slot(x.dim() >= 3).add_(part)  # a 2-D input (an MoE expert's rows) is not one sample
+
+    record_calls(block, names, inputs, device, add)
+    return {n: sums[n].result() if n in sums else None for n in names}
 
 
 @dataclass
@@ -206,12 +235,6 @@ def _total(shard: Shard | None, count: int) -> int:
     return count if shard is None else shard.total(count)
 
 
-def _gram(shard: Shard | None, xs: list[torch.Tensor], group_size: int, k: int) -> torch.Tensor:
-    """The per-group Gram matrices over every sample; with a shard, in the fixed order over every process."""
-    g = group_size if group_size > 0 else k
-    return group_gram(xs, group_size, k, sample_sum(shard, (k // g, g, g), torch.float32, xs[0].device))
-
-
 def scale_groups(subsets: tuple[Subset, ...]) -> list[list[Subset]]:
     """Subsets that fold into the same prev_op share one s (parallel blocks, MoE experts); order kept."""
     groups: dict[str, list[Subset]] = {}
@@ -241,6 +264,7 @@ class AwqMethod(Method):
             calls = capture_calls(ctx.block, inspects, ctx.inputs, ctx.device)
             times["awq forward+statistics"] = round(time.perf_counter() - start, 4)
             start = time.perf_counter()
+            readers = {name: sum(s.inspect == name for g in groups for s in g) for name in inspects}
             for group in groups:
                 layers = [n for s in group for n in s.layers]
                 why_not = self._skip_reason(ctx, group)
@@ -251,6 +275,12 @@ class AwqMethod(Method):
                     skipped.append({"layers": layers, "reason": why_not})
                     continue
                 scaled.append(self._scale_group(ctx, group, calls))
+                for s in group:  # a module's recorded inputs go once no later group reads them (device memory)
+                    if s.prev_op:
+                        readers[s.inspect] -= 1
+                        if not readers[s.inspect]:
+                            calls.pop(s.inspect, None)
+            del calls
             times["awq scale search"] = round(time.perf_counter() - start, 4)
         ctx.report["scaled"] = scaled
         ctx.report["skipped"] = skipped
@@ -324,16 +354,14 @@ class AwqMethod(Method):
         block, spec, fmt, sp = ctx.block, ctx.spec, ctx.fmt, self.special
         targets = [(s, [n for n in s.layers if sp["clip_qk"] or n not in spec.qk_layers]) for s in subsets]
         targets = [(s, names) for s, names in targets if names]
-        feats = capture_calls(block, [s.layers[0] for s, _ in targets], ctx.inputs, ctx.device)
+        grams = input_grams(block, [s.layers[0] for s, _ in targets], ctx.inputs, ctx.device, fmt.group_size, ctx.shard)
         quantize = tpu_quantizer(fmt)
         done = []
         for subset, names in targets:
-            xs = [c.x for c in feats[subset.layers[0]]]
-            if not xs:  # an expert no calibration token reached: left as it is (plain RTN)
+            gram = grams[subset.layers[0]]
+            if gram is None:  # an expert no calibration token reached: left as it is (plain RTN)
                 uncalibrated += subset.layers
                 continue
-            k = block.get_submodule(subset.layers[0]).in_features
-            gram = _gram(ctx.shard, xs, fmt.group_size, k)
             for name in names:
                 layer = block.get_submodule(name)
                 clip = search_clip(layer.weight.data, gram, quantize, sp["clip_sym"], sp["n_grid"], sp["max_shrink"])
