@@ -27,16 +27,17 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from llmc_tpu.engine.host_memory import release_file_pages
 from llmc_tpu.export.hf_folder import copy_side_files, set_dtype_fields
+from llmc_tpu.export.safetensors_stream import Deferred, save_file
 from llmc_tpu.tpu.chips import quantized_out_features
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat
 
@@ -78,22 +79,48 @@ def file_scale(q: TpuQuantizedWeight) -> torch.Tensor:
     return f16
 
 
-def linear_tensors(name: str, q: TpuQuantizedWeight) -> dict[str, torch.Tensor]:
-    """The qweight/qzeros/scales/g_idx tensors of one Linear."""
-    fmt = q.fmt
+def check_writable(name: str, q: TpuQuantizedWeight) -> None:
+    """A result the checkpoint can carry exactly: integer codes only, zero points v1 can store."""
     if q.float_rows.shape[0] or q.signed:
         raise CheckpointError(f"{name}: {'float rows' if q.float_rows.shape[0] else 'signed codes'} cannot be written "
                               "in a GPTQ checkpoint (the GPTQ solver produces neither)")
-    if q.n_quantized and (int(q.zero.min()) < 1 or int(q.zero.max()) > fmt.qmax + 1):
-        raise CheckpointError(f"{name}: zero points must be in 1..{fmt.qmax + 1} (v1 stores z - 1)")
-    k = q.codes.shape[1]
-    g = q.group_size
+    if q.n_quantized and (int(q.zero.min()) < 1 or int(q.zero.max()) > q.fmt.qmax + 1):
+        raise CheckpointError(f"{name}: zero points must be in 1..{q.fmt.qmax + 1} (v1 stores z - 1)")
+
+
+def _linear_parts(q: TpuQuantizedWeight) -> dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """Per tensor of one Linear (qweight, qzeros, scales, g_idx): its dtype, shape and how to build it."""
+    bits = q.fmt.bits
+    n, k = q.codes.shape
+    per, groups = 32 // bits, k // q.group_size
+
+    def qweight() -> torch.Tensor:
+        words = pack(q.codes.T.contiguous(), bits)
+        release_file_pages([q.codes])  # packed now; codes read from a file mapping (a run's checkpoints) go back
+        return words
+
     return {
-        f"{name}.qweight": pack(q.codes.T.contiguous(), fmt.bits),
-        f"{name}.qzeros": pack((q.zero.to(torch.int32) - 1).contiguous(), fmt.bits).T.contiguous(),
-        f"{name}.scales": file_scale(q).T.contiguous(),
-        f"{name}.g_idx": torch.arange(k, dtype=torch.int32) // g,
+        "qweight": (torch.int32, (k // per, n), qweight),
+        "qzeros": (torch.int32, (groups, n // per), lambda: pack((q.zero.to(torch.int32) - 1).contiguous(), bits).T.contiguous()),
+        "scales": (torch.float16, (groups, n), lambda: file_scale(q).T.contiguous()),
+        "g_idx": (torch.int32, (k,), lambda: torch.arange(k, dtype=torch.int32) // q.group_size),
     }
+
+
+def linear_tensors(name: str, q: TpuQuantizedWeight) -> dict[str, torch.Tensor]:
+    """The qweight/qzeros/scales/g_idx tensors of one Linear."""
+    check_writable(name, q)
+    return {f"{name}.{key}": make() for key, (_, _, make) in _linear_parts(q).items()}
+
+
+def deferred_linear_tensors(name: str, q: TpuQuantizedWeight) -> dict[str, Deferred]:
+    """``linear_tensors`` announced by dtype and shape, each built only when the writer reaches it."""
+    check_writable(name, q)
+    return {f"{name}.{key}": Deferred(dtype, shape, make) for key, (dtype, shape, make) in _linear_parts(q).items()}
+
+
+def _built(entry: torch.Tensor | Deferred) -> torch.Tensor:
+    return entry.make() if isinstance(entry, Deferred) else entry
 
 
 def quantization_config(fmt: TpuWeightFormat, meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -128,20 +155,19 @@ def save_gptq_checkpoint(model: nn.Module, tokenizer, source: Path, dest: Path, 
     ``original_keys``: name the tensors as the published checkpoint does (VLMs: transformers 5 renames
     ``model.layers`` to ``model.language_model.layers`` on load; TPU-MLIR reads the original names).
     """
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, torch.Tensor | Deferred] = {}
     for name, q in results.items():
         if q.fmt != fmt:
             raise CheckpointError(f"{name}: quantized as {q.fmt}, checkpoint format {fmt}")
-        tensors.update(linear_tensors(name, q))
-        release_file_pages([q.codes])  # packed now; codes read from a file mapping (a run's checkpoints) go back
+        tensors.update(deferred_linear_tensors(name, q))
     tensors.update(_float_state(model, {f"{n}.weight" for n in results}, fmt.torch_scale_dtype))
-    if original_keys:
+    if original_keys:  # renamed as one dict (VLMs, small language models): built now
         from transformers.core_model_loading import revert_weight_conversion
 
-        tensors = dict(revert_weight_conversion(model, tensors))
+        tensors = dict(revert_weight_conversion(model, {k: _built(v) for k, v in tensors.items()}))
     dest.mkdir(parents=True, exist_ok=False)
     copy_side_files(Path(source), dest)
-    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})  # one Linear's codes packed at a time
     model.config.save_pretrained(dest)
     if original_keys:  # the published config too (see hf_folder.save_hf_folder's source_config)
         shutil.copy2(Path(source) / "config.json", dest / "config.json")

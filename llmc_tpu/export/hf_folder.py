@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
+from unittest import mock
 
 import torch
 from torch import nn
 
+from llmc_tpu.export import safetensors_stream
 from llmc_tpu.models.experts import fused_state_dict
 
 # Files of the source folder that are not weights or the model config: tokenizer,
@@ -44,6 +47,17 @@ def _set_config_dtype(config_file: Path, dtype: torch.dtype) -> None:
     config_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def streamed_shards():
+    """transformers' ``save_pretrained`` (its sharding, tied weights, renaming) writing each shard with
+    ``safetensors_stream.save_file``: the same bytes, without making the whole model resident at once. Where
+    transformers no longer writes through ``modeling_utils.safe_save_file``, its own writer is kept."""
+    from transformers import modeling_utils
+
+    if not hasattr(modeling_utils, "safe_save_file"):
+        return nullcontext()
+    return mock.patch.object(modeling_utils, "safe_save_file", safetensors_stream.save_file)
+
+
 def save_hf_folder(model: nn.Module, tokenizer, source: Path, dest: Path, dtype: torch.dtype = torch.bfloat16,
                    weights: dict[str, torch.Tensor] | None = None, source_config: bool = False) -> Path:
     """Write ``model`` (or ``weights`` in its place) in ``dtype`` with the config and side files of ``source``.
@@ -56,7 +70,8 @@ def save_hf_folder(model: nn.Module, tokenizer, source: Path, dest: Path, dtype:
     copy_side_files(source, dest)
     state = fused_state_dict(model, weights if weights is not None else model.state_dict())  # MoE: transformers' layout
     state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
-    model.save_pretrained(dest, state_dict=state, safe_serialization=True)
+    with streamed_shards():
+        model.save_pretrained(dest, state_dict=state, safe_serialization=True)
     if source_config:
         shutil.copy2(Path(source) / "config.json", dest / "config.json")
     _set_config_dtype(dest / "config.json", dtype)

@@ -1,0 +1,94 @@
+"""Write a safetensors file one tensor at a time, so that saving a model never holds the model in memory.
+
+``safetensors.torch.save_file`` takes every tensor at once: the weights of a run are views of mapped files
+(the source model, the run's block checkpoints), and writing them all in one call makes every page of them
+resident in the process, the whole model's worth. ``save_file`` here writes the same bytes (the header the
+library writes, tensors in its order: by dtype, widest first, then by name) but takes each tensor only when
+its turn comes: a ``Deferred`` entry is built then (a GPTQ Linear's packed codes), and a tensor's pages that
+are still its file's are given back once they are written (``engine.host_memory``). The tests compare the
+bytes with the library's for every dtype a checkpoint holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llmc_tpu.engine.host_memory import release_file_pages
+
+# safetensors' dtype names, in the order of its Dtype enum (the file lists wider dtypes first)
+_DTYPES = [
+    (torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.int8, "I8"), (torch.float8_e5m2, "F8_E5M2"),
+    (torch.float8_e4m3fn, "F8_E4M3"), (torch.int16, "I16"), (torch.uint16, "U16"), (torch.float16, "F16"),
+    (torch.bfloat16, "BF16"), (torch.int32, "I32"), (torch.uint32, "U32"), (torch.float32, "F32"),
+    (torch.float64, "F64"), (torch.int64, "I64"), (torch.uint64, "U64"),
+]
+_NAME = dict(_DTYPES)
+_RANK = {dtype: i for i, (dtype, _) in enumerate(_DTYPES)}
+_ALIGN = 8  # the header is padded with spaces to a multiple of 8 bytes
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """A tensor built only when the writer reaches it: its dtype and shape (for the header) and how to make it."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], torch.Tensor]
+
+
+Entry = torch.Tensor | Deferred
+
+
+def _spec(entry: Entry) -> tuple[torch.dtype, tuple[int, ...]]:
+    return (entry.dtype, tuple(entry.shape))
+
+
+def header_bytes(entries: Mapping[str, Entry], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
+    """The length-prefixed JSON header and the order the tensors' bytes follow in."""
+    for name, entry in entries.items():
+        if entry.dtype not in _NAME:
+            raise TypeError(f"{name}: dtype {entry.dtype} has no safetensors name")
+    order = sorted(entries, key=lambda n: (-_RANK[entries[n].dtype], n))
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name in order:
+        dtype, shape = _spec(entries[name])
+        size = _numel(shape) * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": _NAME[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % _ALIGN)
+    return struct.pack("<Q", len(raw)) + raw, order
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def save_file(entries: Mapping[str, Entry], filename: str | os.PathLike, metadata: Mapping[str, str] | None = None
+              ) -> None:
+    """Write ``entries`` (tensors, or ``Deferred`` ones) as ``safetensors.torch.save_file`` would, one at a time."""
+    head, order = header_bytes(entries, metadata)
+    path = Path(filename)
+    with open(path, "wb") as f:
+        f.write(head)
+        for name in order:
+            entry = entries[name]
+            t = entry.make() if isinstance(entry, Deferred) else entry
+            if _spec(t) != _spec(entry):
+                raise ValueError(f"{name}: built as {t.dtype} {tuple(t.shape)}, announced as {entry.dtype} {entry.shape}")
+            data = t.detach().to("cpu").contiguous()
+            if data.numel():
+                f.write(data.reshape(-1).view(torch.uint8).numpy().data)
+            release_file_pages([t])
+            del t, data
