@@ -97,6 +97,8 @@ def capture_block_inputs(model: nn.Module, spec: ModelSpec, batches: Iterable[to
     blocks = blocks_of(model, spec)
     first = blocks[0]
     captured: list[BlockInput] = []
+    stored: list[BlockInput] = []
+    pin = torch.device(store_device).type == "cpu" and torch.cuda.is_available()  # host copies of CUDA work: pinned
     blocks[0] = _Catcher(first, captured)
     try:
         for ids in batches:
@@ -107,11 +109,13 @@ def capture_block_inputs(model: nn.Module, spec: ModelSpec, batches: Iterable[to
                     model(input_ids=ids, use_cache=False)
             except _StopForward:
                 pass
+            for c in captured:  # stored as each batch is captured: the host never holds every batch's states at once
+                stored.append(BlockInput(_pinned(c.hidden) if pin else c.hidden.to(store_device),
+                                         move(c.kwargs, store_device)))
+            captured.clear()
     finally:
         blocks[0] = first
-    pin = torch.device(store_device).type == "cpu" and torch.cuda.is_available()  # host copies of CUDA work: pinned
-    return [BlockInput(_pinned(c.hidden) if pin else c.hidden.to(store_device), move(c.kwargs, store_device))
-            for c in captured]
+    return stored
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
