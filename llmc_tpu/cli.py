@@ -179,7 +179,21 @@ def _torch_oom() -> type[BaseException]:
     return torch.OutOfMemoryError  # CUDA out of memory (a RuntimeError, not a MemoryError)
 
 
+# Blocks allocate tensors of many sizes (a 70B down_proj's Hessian is 3 GiB, its activations a few hundred MiB):
+# with fixed segments, CUDA's cache fragments and a capped run (run.device_memory_gib) fails with gigabytes
+# reserved but unused. Segments that grow keep what is reserved close to what is used. A user's setting (under
+# either of PyTorch's names) wins.
+ALLOCATOR_SETTING = ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+def default_allocator_setting() -> None:
+    """Set ``ALLOCATOR_SETTING`` unless the user set PyTorch's allocator; read when CUDA is first used (later)."""
+    if not any(os.environ.get(k) for k in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")):
+        os.environ[ALLOCATOR_SETTING[0]] = ALLOCATOR_SETTING[1]
+
+
 def main(argv: list[str] | None = None) -> int:
+    default_allocator_setting()
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.quiet, args.verbose)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -78,3 +79,19 @@ def test_device_memory_cap_is_validated():
     assert parse_config({**base, "run": {"device_memory_gib": 24}}).run.device_memory_gib == 24
     with pytest.raises(ConfigError, match="device_memory_gib"):
         parse_config({**base, "run": {"device_memory_gib": 0}})
+
+
+def test_expandable_segments_by_default_unless_the_user_chose(monkeypatch):
+    from llmc_tpu.cli import default_allocator_setting
+
+    for key in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF"):
+        monkeypatch.delenv(key, raising=False)
+    default_allocator_setting()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    default_allocator_setting()
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "backend:native")
+    default_allocator_setting()
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
