@@ -174,6 +174,7 @@ class Quantizer:
         self.ranks = launched_ranks()  # torchrun: this process's share of the calibration samples
         self.shard: Shard | None = None  # set with the calibration inputs
         self.memory_cap: int | None = None  # run.device_memory_gib in bytes, once the device is known
+        self.quant_counts: dict = {"n_linears": 0, "float_rows": 0, "partly": [], "folded": []}
 
     def _bar(self, iterable, **kwargs):
         return tqdm(iterable, disable=not self.progress, leave=False, **kwargs)
@@ -241,7 +242,7 @@ class Quantizer:
             if cfg.eval.eval_token_consist and "pretrain" in preds and "fake_quant" in preds:
                 for name in preds["fake_quant"]:
                     self.report.token_consistency[name] = token_consistency(preds["pretrain"][name], preds["fake_quant"][name])
-            self._summarize_quant(results)
+            self._summarize_quant()
             self._next_steps(out.final)
             self.report.timings_s = {k: round(v, 3) for k, v in self.timer.times.items()}
             self.report.peak_memory_gib = dict(self.timer.memory or {})
@@ -303,7 +304,7 @@ class Quantizer:
         for i, block in enumerate(self._bar(blocks, desc=f"{method.name} blocks", unit="block")):
             prefix = f"{spec.blocks}.{i}"
             if i < self.ckpt.done_blocks:  # finished before an interruption: restore, only recompute its outputs
-                chosen = self.ckpt.restore_block(i, block)
+                chosen = self.ckpt.restore_block(i, block)  # the codes the method chose
                 on_host = host_tensors(block)
                 block.to(self.device)
                 block_results = quantize_block(block, spec, self.fmt, prefix, chosen)
@@ -315,17 +316,19 @@ class Quantizer:
                                    config=model.config, shard=self.shard)
                 with split("method"):
                     method.process_block(ctx)
+                chosen = ctx.results
                 for part, seconds in ctx.report.pop("time_s", {}).items():  # the method's own split, e.g. solve
                     split.times[f"method: {part}"] = split.times.get(f"method: {part}", 0.0) + seconds
                 check_finite_weights(block, spec, prefix, method.name)
                 with split("tpu rtn"):
-                    block_results = quantize_block(block, spec, self.fmt, prefix, ctx.results)
+                    block_results = quantize_block(block, spec, self.fmt, prefix, chosen)
                 with split("checkpoint"):
                     self.ckpt.save_block(i, block if method.changes_weights else None, ctx.results,
                                          {"block": i, **ctx.report} if ctx.report else {})
                     if i:  # save_block waited for the previous block's files
                         self._map_from_checkpoint(i - 1, blocks[i - 1], f"{spec.blocks}.{i - 1}", results)
-            results.update(block_results)
+            self._count(block_results)
+            results.update(self._kept(block_results, f"{prefix}.", chosen))
             if inputs is not None and i + 1 < len(blocks):
                 with split("next block inputs"):
                     if self.cfg.quant.quant_out:
@@ -359,6 +362,34 @@ class Quantizer:
         return results
 
     # -- helpers ------------------------------------------------------------------------------
+    @property
+    def keeps_rtn_codes(self) -> bool:
+        """Whether a later stage reads TPU RTN's codes of the Linears whose codes the method left to TPU-MLIR: the
+        fake_quant eval, save_fake, the GPU exports, the GPTQ checkpoint (a Linear GPTQ left to RTN) or a vision
+        tower's fake quant. Only this run's main process writes outputs."""
+        cfg = self.cfg
+        return self.ranks.main and ("fake_quant" in cfg.eval.eval_pos or cfg.save.save_fake
+                                    or any(getattr(cfg.save, key) for key in EXPORTS)
+                                    or chooses_codes(cfg.quant.method) or "vision" in cfg.quant.quant_objects)
+
+    def _kept(self, block_results: QuantResults, prefix: str, chosen: QuantResults) -> QuantResults:
+        """What the run keeps of a block's results once the block is done: the codes the method chose (read back
+        from the block's checkpoint once it is written) and, where a later stage reads them, TPU RTN's codes in
+        host memory, not the device's (a 7B's RTN codes are 13 GB as int16, a 70B's 136 GB)."""
+        if not self.ranks.main:
+            return {}
+        own = {prefix + name for name in chosen}
+        return {name: r if name in own else r.to("cpu") for name, r in block_results.items()
+                if name in own or self.keeps_rtn_codes}
+
+    def _count(self, block_results: QuantResults) -> None:
+        """The summary's counts (rows the chip keeps in float, Linears it folds back to float), block by block."""
+        counts = self.quant_counts
+        counts["n_linears"] += len(block_results)
+        counts["float_rows"] += sum(r.float_rows.shape[0] for r in block_results.values())
+        counts["partly"] += [n for n, r in block_results.items() if r.float_rows.shape[0]]
+        counts["folded"] += [n for n, r in block_results.items() if r.folded]
+
     def _map_from_checkpoint(self, index: int, block: torch.nn.Module, prefix: str, results: QuantResults) -> None:
         """Once a block's checkpoint is written, its changed float weights and chosen codes are read from those
         files (mapped: the same values, in pages the system can drop) instead of kept in the process's memory."""
@@ -482,14 +513,13 @@ class Quantizer:
             self.report.warnings.append(W8_PER_CHANNEL_WARNING)
             log.warning(W8_PER_CHANNEL_WARNING)
 
-    def _summarize_quant(self, results: QuantResults) -> None:
-        float_rows = sum(r.float_rows.shape[0] for r in results.values())
-        partly = sorted(n for n, r in results.items() if r.float_rows.shape[0])
-        folded = sorted(n for n, r in results.items() if r.folded)
+    def _summarize_quant(self) -> None:
+        counts = self.quant_counts
         self.report.quantized = {
-            "n_linears": len(results), "format": self.report.tpu_format["name"] + " " + self.report.tpu_format["granularity"],
-            "float_rows": float_rows, "linears_with_float_rows": partly,
-            "folded_to_float": folded,  # the compiler keeps no codes for these: (q - z) * s folded into a float weight
+            "n_linears": counts["n_linears"],
+            "format": self.report.tpu_format["name"] + " " + self.report.tpu_format["granularity"],
+            "float_rows": counts["float_rows"], "linears_with_float_rows": sorted(counts["partly"]),
+            "folded_to_float": sorted(counts["folded"]),  # the compiler keeps no codes for these: (q - z) * s folded into a float weight
             "uncalibrated": self.report.method.get("uncalibrated", []),  # experts no calibration token reached
         }
 

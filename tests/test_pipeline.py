@@ -203,3 +203,24 @@ def test_nan_is_named_with_block_and_layer(tmp_path, eval_txt):
     with pytest.raises(PipelineError, match=r"model.layers.1(.mlp.up_proj: the weight has NaN/Inf| NaN/Inf in the block's outputs)"):
         Quantizer(parse_config(cfg), progress=False).run()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("eval_pos", [[], ["fake_quant"]])
+def test_rtn_codes_are_kept_only_where_a_later_stage_reads_them(tmp_path, tiny_llama, eval_txt, eval_pos):
+    """The float handoff alone needs no codes: none are kept (on a GPU they had piled up, a 7B's 13 GB); the
+    fake_quant eval reads them: kept, in host memory. The report counts the Linears either way."""
+    from llmc_tpu.models.loading import load_model
+
+    cfg = config(tiny_llama, eval_txt, tmp_path / "out")
+    cfg["eval"]["eval_pos"] = eval_pos
+    cfg["save"]["save_fake"] = False
+    q = Quantizer(parse_config(cfg), progress=False)
+    q.device = torch.device("cpu")
+    results = q.quantize(load_model(str(tiny_llama)))
+    assert q.quant_counts["n_linears"] == 7 * 2  # 7 Linears in each of the tiny Llama's 2 blocks
+    if eval_pos:
+        assert len(results) == 14 and all(r.codes.device.type == "cpu" for r in results.values())
+    else:
+        assert results == {}
+    report = Quantizer(parse_config(cfg), progress=False).run()
+    assert report.quantized["n_linears"] == 14 and report.quantized["float_rows"] == 0
