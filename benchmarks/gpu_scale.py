@@ -21,7 +21,7 @@ What it does, for one ``--shape`` (random bf16 weights at the real sizes, so no 
 
 Methods (``--methods``): ``awq`` = AWQ W4 asym g64, 128 x 512 windows, v1 scales, asymmetric clip search
 (configs/LLM/AwqSignRound.yml's AWQ part); ``gptq`` = configs/LLM/GPTQ.yml (act-order, static groups,
-128 x 2048, bs 1). The peer: AWQModifier's defaults (duo_scaling) / GPTQModifier actorder="static" (its default).
+128 x 2048, bs -1). The peer: AWQModifier's defaults (duo_scaling) / GPTQModifier actorder="static" (its default).
 
 Examples (on one H200; each command must finish within 10 minutes there, so one method per command):
 
@@ -120,7 +120,7 @@ METHODS = {
     "awq": Method(512, -1, {"method": "Awq", "weight": W4,
                             "special": {"trans": True, "trans_version": "v1", "weight_clip": True, "clip_sym": False}},
                   {"save_trans": True}, "configs/LLM/AwqSignRound.yml (AWQ part), 128 x 512"),
-    "gptq": Method(2048, 1, {"method": "GPTQ", "weight": W4, "quant_out": True,
+    "gptq": Method(2048, -1, {"method": "GPTQ", "weight": W4, "quant_out": True,
                              "special": {"actorder": True, "static_groups": True, "percdamp": 0.01, "blocksize": 128,
                                          "true_sequential": True, "token_clip": 10.0}},
                    {}, "configs/LLM/GPTQ.yml, 128 x 2048"),
