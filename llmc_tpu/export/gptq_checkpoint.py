@@ -86,6 +86,9 @@ def check_writable(name: str, q: TpuQuantizedWeight) -> None:
                               "in a GPTQ checkpoint (the GPTQ solver produces neither)")
     if q.n_quantized and (int(q.zero.min()) < 1 or int(q.zero.max()) > q.fmt.qmax + 1):
         raise CheckpointError(f"{name}: zero points must be in 1..{q.fmt.qmax + 1} (v1 stores z - 1)")
+    per = 32 // q.fmt.bits
+    if any(d % per for d in q.codes.shape):  # said before any file is written, not by pack() halfway through
+        raise CheckpointError(f"{name}: {tuple(q.codes.shape)} are not multiples of {per} ({q.fmt.bits}-bit into int32)")
 
 
 def _linear_parts(q: TpuQuantizedWeight) -> dict[str, tuple[torch.dtype, tuple[int, ...], Callable[[], torch.Tensor]]]:
