@@ -379,8 +379,9 @@ class Quantizer:
         if not self.ranks.main:
             return {}
         own = {prefix + name for name in chosen}
-        return {name: r if name in own else r.to("cpu") for name, r in block_results.items()
-                if name in own or self.keeps_rtn_codes}
+        if not self.keeps_rtn_codes:
+            return {name: r for name, r in block_results.items() if name in own}
+        return {name: r if name in own else r.to("cpu") for name, r in block_results.items()}
 
     def _count(self, block_results: QuantResults) -> None:
         """The summary's counts (rows the chip keeps in float, Linears it folds back to float), block by block."""
