@@ -241,6 +241,27 @@ def test_pack_round_trips(bits):
     assert torch.equal(unpack(words, bits), v)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_pack_matches_word_by_word_reference(bits, dim):
+    """Each word re-derived with Python integers: element p of a word at bits ``bits * p``, read as signed int32."""
+    per = 32 // bits
+    g = torch.Generator().manual_seed(10 * bits + dim)
+    v = torch.randint(0, 1 << bits, (2 * per, 3 * per), generator=g, dtype=torch.int16)
+    v[:, 0] = (1 << bits) - 1
+    words = pack(v, bits, dim)
+    lines = v.tolist() if dim == 1 else v.T.tolist()  # the values along the packed dimension, line by line
+    expected = []
+    for line in lines:
+        row = []
+        for i in range(0, len(line), per):
+            word = sum(x << (bits * p) for p, x in enumerate(line[i:i + per]))
+            row.append(word - (1 << 32) if word >= 1 << 31 else word)
+        expected.append(row)
+    expected = torch.tensor(expected, dtype=torch.int32)
+    assert torch.equal(words, expected if dim == 1 else expected.T)
+
+
 def gptq_config(model: Path, calib: Path, save: Path, **quant) -> dict:
     return {
         "model": {"path": str(model), "torch_dtype": "float32"},

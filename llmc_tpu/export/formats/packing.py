@@ -33,13 +33,12 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int, pad: bool = False) -> 
     n = per_word(bits)
     if values.numel() and (int(values.min()) < 0 or int(values.max()) >= (1 << bits)):
         raise ValueError(f"values outside 0..{(1 << bits) - 1} cannot be packed in {bits} bits")
-    v = values if dim == 0 else values.t()
-    if v.shape[0] % n:
+    size = values.shape[dim]
+    if size % n:
         if not pad:
-            raise ValueError(f"size {v.shape[0]} along dim {dim} is not a multiple of {n} ({bits}-bit values per int32)")
-        v = torch.nn.functional.pad(v, (0, 0, 0, n - v.shape[0] % n))
-    words = gptq_checkpoint.pack(v.contiguous(), bits)
-    return (words if dim == 0 else words.t()).contiguous()
+            raise ValueError(f"size {size} along dim {dim} is not a multiple of {n} ({bits}-bit values per int32)")
+        values = torch.nn.functional.pad(values, (0, n - size % n) if dim in (1, -1) else (0, 0, 0, n - size % n))
+    return gptq_checkpoint.pack(values.contiguous(), bits, dim)
 
 
 def unpack_int32(words: torch.Tensor, bits: int, dim: int, count: int) -> torch.Tensor:
