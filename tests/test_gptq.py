@@ -399,3 +399,28 @@ def test_token_clip_keeps_sink_tokens_from_deciding_the_codes():
     err_rtn = output_error(w, quantize_weight(w, fmt).dequantize(), ordinary.h)
     assert errs[10.0] < 0.8 * errs[0.0], errs
     assert errs[0.0] > err_rtn > errs[10.0], (errs, err_rtn)  # unclipped GPTQ is even worse than RTN here
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton column kernel runs on CUDA only")
+@pytest.mark.parametrize("static", [True, False])
+def test_triton_column_kernel_gives_the_torch_loops_codes(static, monkeypatch):
+    """The fused kernel against the column loop run op by op on the same device: the same codes, scales, zeros."""
+    from llmc_tpu.algorithms import gptq, gptq_kernel
+
+    dev = torch.device("cuda")
+    if not gptq_kernel.available(dev):
+        pytest.skip("Triton is not installed")
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(200, 320, generator=g) * 0.02).to(dev)  # 320 = 2 blocks of 128 and one of 64
+    x = torch.randn(1000, 320, generator=g) @ (torch.randn(320, 320, generator=g) / 18 + torch.eye(320))
+    h = (2 / 1000 * x.T @ x).to(dev)
+    results = {}
+    for kernel in ("auto", "eager"):
+        monkeypatch.setattr(gptq, "COLUMN_KERNEL", kernel)
+        if kernel == "eager":  # the PyTorch loop launched op by op: the reference arithmetic
+            monkeypatch.setattr(gptq._Block, "run", lambda self, a, b, qmax: gptq._columns(self, a, b, qmax))
+        results[kernel] = gptq_quantize(w, h, W4, actorder=static, static_groups=static)
+    fused, eager = results["auto"], results["eager"]
+    assert torch.equal(fused.codes, eager.codes)
+    assert torch.equal(fused.scale, eager.scale) and torch.equal(fused.zero, eager.zero)
+    assert float(output_error(w, fused.dequantize(), h)) < float(output_error(w, quantize_weight(w, W4).dequantize(), h))

@@ -34,11 +34,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmc_tpu.algorithms import gptq_kernel
 from llmc_tpu.engine.distributed import Shard, parts_sizes, sample_sum
 from llmc_tpu.tpu.chips import quantized_out_features
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat, round_half_away, tpu_grid
 
 DAMP_TRIES = 8  # percdamp, x10, ... x1e7
+COLUMN_KERNEL = "auto"  # on CUDA: "auto" = the Triton kernel where Triton is installed, "graphs" = CUDA graphs
 
 
 class GptqError(RuntimeError):
@@ -250,7 +252,8 @@ def _columns(ws: _Block, a: int, b: int, qmax: int) -> None:
 
 
 class _Block:
-    """Buffers of one block of columns; on CUDA each column range runs as a captured graph replayed on them
+    """Buffers of one block of columns. On CUDA a column range runs as one Triton kernel (``gptq_kernel``) or,
+    without Triton or with ``COLUMN_KERNEL = "graphs"``, as a captured graph of ``_columns`` replayed on them
     (the column loop is hundreds of tiny kernels: launching them one by one costs more than running them)."""
 
     def __init__(self, n: int, width: int, device: torch.device) -> None:
@@ -261,6 +264,9 @@ class _Block:
     def run(self, a: int, b: int, qmax: int) -> None:
         if self.W.device.type != "cuda":
             _columns(self, a, b, qmax)
+            return
+        if COLUMN_KERNEL == "auto" and gptq_kernel.available(self.W.device):
+            gptq_kernel.run_columns(self.W, self.Q, self.Err, self.S, self.Z, self.D, self.Hinv, a, b, qmax)
             return
         graph = self.graphs.get((a, b, qmax))
         if graph is None:
@@ -384,9 +390,24 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, 
     return GptqResult(fmt, Q, scale, zero, used, int(dead.sum()), fixes, warnings)
 
 
+def output_errors(w: torch.Tensor, candidates: Sequence[torch.Tensor], hessian: torch.Tensor) -> list[float]:
+    """Per candidate ``Q``, the relative squared output error ``sum ||(W - Q) x||^2 / sum ||W x||^2`` over the
+    calibration inputs. A diagnostic for the report: on CUDA the products may use TF32 (a 7B block's errors cost
+    a tenth of the solve instead of half of it)."""
+    w = w.float().to(hessian.device)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        den = float(((w @ hessian) * w).sum())
+        errs = []
+        for wq in candidates:
+            d = w - wq.float().to(hessian.device)
+            errs.append(float(((d @ hessian) * d).sum()) / den if den > 0 else 0.0)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    return errs
+
+
 def output_error(w: torch.Tensor, wq: torch.Tensor, hessian: torch.Tensor) -> float:
     """Relative squared output error ``sum ||(W - Q) x||^2 / sum ||W x||^2`` over the calibration inputs."""
-    w = w.float().to(hessian.device)
-    d = w - wq.float().to(hessian.device)
-    den = float(((w @ hessian) * w).sum())
-    return float(((d @ hessian) * d).sum()) / den if den > 0 else 0.0
+    return output_errors(w, [wq], hessian)[0]

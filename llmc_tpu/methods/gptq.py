@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from llmc_tpu.algorithms.gptq import GptqResult, Hessian, gptq_quantize, output_error
+from llmc_tpu.algorithms.gptq import GptqResult, Hessian, gptq_quantize, output_errors
 from llmc_tpu.engine.blockwise import BlockInput, move
 from llmc_tpu.engine.distributed import Shard
 from llmc_tpu.fake_quant import fake_quant_weight
@@ -148,8 +148,8 @@ class GptqMethod(Method):
         for name, w in zip(subset.layers, weights):
             q = res.tpu_weight(slice(row, row + w.shape[0]))
             row += w.shape[0]
-            note["err"][name] = output_error(w, q.dequantize(), hessian.h)
-            note["err_rtn"][name] = output_error(w, fake_quantize(w.to(ctx.fmt.handoff_dtype).float(), ctx.fmt), hessian.h)
+            rtn = fake_quantize(w.to(ctx.fmt.handoff_dtype).float(), ctx.fmt)
+            note["err"][name], note["err_rtn"][name] = output_errors(w, [q.dequantize(), rtn], hessian.h)
             if q.folded:
                 note.setdefault("folded_to_float", []).append(name)
             ctx.results[name] = _to_cpu(q)

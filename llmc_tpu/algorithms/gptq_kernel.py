@@ -1,0 +1,80 @@
+"""GPTQ's column loop as one Triton kernel per block of columns (CUDA only; ``algorithms.gptq`` falls back without it).
+
+The loop quantizes one column at a time and spreads its error over the later columns of the block:
+done with PyTorch operations that is about a dozen tiny kernels per column, and a 7B model has
+750 000 columns. Rows are independent, so here each program holds a tile of rows of the block
+(weights, codes, errors) in registers and runs every column of the range over it. The arithmetic
+is ``gptq._columns``' step for step, with the same roundings: IEEE division (``div_rn``), the
+rounding half away from zero as ``rtn.round_half_away`` computes it, and no fused multiply-adds
+(PyTorch's ``addcmul_`` rounds the product before it subtracts it).
+The benchmark ``benchmarks/gptq_solver.py`` counts the codes on which the two paths differ.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:  # shipped with PyTorch's CUDA builds; absent from its CPU builds
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the PyTorch build
+    triton = None
+
+ROWS_PER_PROGRAM = 32
+
+if triton is not None:
+    try:
+        from triton.language.extra import libdevice
+    except ImportError:  # pragma: no cover - older Triton
+        from triton.language.extra.cuda import libdevice
+
+    @triton.jit
+    def _columns_kernel(w_ptr, q_ptr, err_ptr, s_ptr, z_ptr, d_ptr, hinv_ptr, n_rows, width, a, b, qmax,
+                        WIDTH: tl.constexpr, ROWS: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, WIDTH)
+        live = rows < n_rows
+        tile = rows[:, None] * width + cols[None, :]
+        inside = live[:, None] & (cols[None, :] < width)
+        w = tl.load(w_ptr + tile, mask=inside, other=0.0)
+        q_tile = tl.load(q_ptr + tile, mask=inside, other=0.0)
+        err_tile = tl.load(err_ptr + tile, mask=inside, other=0.0)
+        for jj in range(a, b):
+            here = cols[None, :] == jj
+            wj = tl.sum(tl.where(here, w, 0.0), axis=1)
+            at = rows * width + jj
+            s = tl.load(s_ptr + at, mask=live, other=1.0)
+            z = tl.load(z_ptr + at, mask=live, other=0.0)
+            d = tl.load(d_ptr + at, mask=live, other=0.0)
+            x = libdevice.div_rn(wj, s)
+            t = libdevice.trunc(x)
+            q = tl.minimum(tl.maximum(t + libdevice.trunc((x - t) * 2.0) + z, 0.0), qmax)
+            err = libdevice.div_rn(wj - (q - z) * d, tl.load(hinv_ptr + jj * width + jj))
+            h_row = tl.load(hinv_ptr + jj * width + cols, mask=(cols >= jj) & (cols < width), other=0.0)
+            w = tl.where(cols[None, :] >= jj, w - err[:, None] * h_row[None, :], w)
+            q_tile = tl.where(here, q[:, None], q_tile)
+            err_tile = tl.where(here, err[:, None], err_tile)
+        tl.store(w_ptr + tile, w, mask=inside)
+        tl.store(q_ptr + tile, q_tile, mask=inside)
+        tl.store(err_ptr + tile, err_tile, mask=inside)
+
+
+@functools.cache
+def available(device: torch.device) -> bool:
+    """Whether the kernel can run on ``device`` (a CUDA device and a Triton that compiles for it)."""
+    return triton is not None and device.type == "cuda"
+
+
+def run_columns(W: torch.Tensor, Q: torch.Tensor, Err: torch.Tensor, S: torch.Tensor, Z: torch.Tensor, D: torch.Tensor,
+                Hinv: torch.Tensor, a: int, b: int, qmax: int) -> None:
+    """``gptq._columns`` on the block's buffers (float32, contiguous, ``[n, width]`` and ``Hinv`` ``[width, width]``)."""
+    n, width = W.shape
+    for t in (W, Q, Err, S, Z, D, Hinv):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError("the column kernel takes contiguous float32 buffers")
+    grid = (triton.cdiv(n, ROWS_PER_PROGRAM),)
+    _columns_kernel[grid](W, Q, Err, S, Z, D, Hinv, n, width, a, b, float(qmax),
+                          WIDTH=triton.next_power_of_2(width), ROWS=ROWS_PER_PROGRAM,
+                          enable_fp_fusion=False)  # every product rounded on its own, as PyTorch's kernels do
