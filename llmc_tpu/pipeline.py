@@ -303,6 +303,7 @@ class Quantizer:
         split = _Timer(memory=True)  # where the quantize stage's time goes, summed over the blocks (report: timings_s)
         for i, block in enumerate(self._bar(blocks, desc=f"{method.name} blocks", unit="block")):
             prefix = f"{spec.blocks}.{i}"
+            host_weights = None  # the block's changed weights as the checkpoint copied them to host memory
             if i < self.ckpt.done_blocks:  # finished before an interruption: restore, only recompute its outputs
                 chosen = self.ckpt.restore_block(i, block)  # the codes the method chose
                 on_host = host_tensors(block)
@@ -323,8 +324,8 @@ class Quantizer:
                 with split("tpu rtn"):
                     block_results = quantize_block(block, spec, self.fmt, prefix, chosen)
                 with split("checkpoint"):
-                    self.ckpt.save_block(i, block if method.changes_weights else None, ctx.results,
-                                         {"block": i, **ctx.report} if ctx.report else {})
+                    host_weights = self.ckpt.save_block(i, block if method.changes_weights else None, ctx.results,
+                                                        {"block": i, **ctx.report} if ctx.report else {})
                     if i:  # save_block waited for the previous block's files
                         self._map_from_checkpoint(i - 1, blocks[i - 1], f"{spec.blocks}.{i - 1}", results)
             self._count(block_results)
@@ -339,6 +340,8 @@ class Quantizer:
                 check_finite_outputs(inputs, prefix)
             with split("transfer"):
                 if method.changes_weights:
+                    if host_weights is not None:  # onto the checkpoint's host copies: the same values, no second copy
+                        block.load_state_dict(host_weights, assign=True)
                     block.to("cpu")
                 else:  # the float weights are those it came with: back to their host tensors (file-backed), no copy
                     put_back(on_host)

@@ -86,10 +86,13 @@ class Checkpoints:
         return self.state["evals"][pos], (load_file(str(f)) if f.exists() else {})
 
     # -- blocks ----------------------------------------------------------------------------------
-    def save_block(self, index: int, block: nn.Module | None, results: QuantResults, report: dict[str, Any]) -> None:
+    def save_block(self, index: int, block: nn.Module | None, results: QuantResults, report: dict[str, Any]
+                   ) -> dict[str, torch.Tensor] | None:
         """``block``: its float weights, or None where they are the model folder's; ``results``: the codes the
-        method chose (the other Linears' RTN is recomputed on resumption). Returns once the tensors are copied;
-        the files are written in the background (one block at a time, ``state.json`` last)."""
+        method chose (the other Linears' RTN is recomputed on resumption). Returns once the tensors are copied,
+        with the host copies of the block's weights (the caller may move the block onto them instead of copying
+        it again; they must not be changed); the files are written in the background (one block at a time,
+        ``state.json`` last)."""
         weights = None if block is None else {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
         tensors, meta = {}, {}
         for name, r in results.items():
@@ -98,6 +101,7 @@ class Checkpoints:
             meta[name] = {"signed": r.signed, "folded": r.folded, "fmt": r.fmt.__dict__}
         self.wait()
         self._pending = self._writer.submit(self._write_block, index, weights, tensors, meta, report)
+        return weights
 
     def _write_block(self, index: int, weights: dict[str, torch.Tensor] | None, tensors: dict[str, torch.Tensor],
                      meta: dict[str, Any], report: dict[str, Any]) -> None:
@@ -157,6 +161,7 @@ class NoCheckpoints:
 
     def save_block(self, index: int, block: nn.Module | None, results: QuantResults, report: dict[str, Any]) -> None:
         self.state["block_reports"].append(report)
+        return None
 
     def wait(self) -> None:
         pass
