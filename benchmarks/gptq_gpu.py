@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--intermediate", type=int, default=11008)
     ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--profile", action="store_true", help="print the top operations (CUDA and CPU time) of the last block")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     fmt = TpuWeightFormat(4, args.group_size)
     spec = REGISTRY["llama"]
-    method = GptqMethod({"actorder": False, "static_groups": False, "percdamp": 0.01, "blocksize": 128,
-                         "true_sequential": True})
+    method = GptqMethod({"actorder": True, "static_groups": True, "percdamp": 0.01, "blocksize": 128,
+                         "true_sequential": True, "token_clip": 10.0})  # configs/LLM/GPTQ.yml's
     inputs = [BlockInput(torch.randn(1, args.seq_len, args.hidden, device=dev, dtype=torch.bfloat16))
               for _ in range(args.samples)]
     rows = []
@@ -121,7 +122,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         ctx = BlockContext(i, block, spec, fmt, dev, inputs, head_dim=args.hidden // args.heads)
-        method.process_block(ctx)
+        if args.profile and i == args.blocks - 1:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                method.process_block(ctx)
+            for key in ("cuda_time_total", "cpu_time_total"):
+                print(prof.key_averages().table(sort_by=key, row_limit=25), flush=True)
+        else:
+            method.process_block(ctx)
         torch.cuda.synchronize()
         t1 = time.perf_counter()
         results = quantize_block(block, spec, fmt, f"model.layers.{i}", ctx.results)

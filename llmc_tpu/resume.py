@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from llmc_tpu.engine.transfer import to_host
 from llmc_tpu.fake_quant import QuantResults
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat
 
@@ -93,12 +94,13 @@ class Checkpoints:
         with the host copies of the block's weights (the caller may move the block onto them instead of copying
         it again; they must not be changed); the files are written in the background (one block at a time,
         ``state.json`` last)."""
-        weights = None if block is None else {k: v.detach().cpu().contiguous() for k, v in block.state_dict().items()}
+        weights = None if block is None else to_host(block.state_dict())
         tensors, meta = {}, {}
         for name, r in results.items():
             for field in _TENSORS:
-                tensors[f"{name}::{field}"] = getattr(r, field).detach().cpu().contiguous()
+                tensors[f"{name}::{field}"] = getattr(r, field)
             meta[name] = {"signed": r.signed, "folded": r.folded, "fmt": r.fmt.__dict__}
+        tensors = to_host(tensors)
         self.wait()
         self._pending = self._writer.submit(self._write_block, index, weights, tensors, meta, report)
         return weights

@@ -59,13 +59,18 @@ def pack(values: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     r = values.shape[dim]
     if r % per:
         raise CheckpointError(f"{r} values along the packed dimension are not a multiple of {per} ({bits}-bit into int32)")
+    if values.numel():
+        lo, hi = torch.aminmax(values)
+        if int(lo) < 0 or int(hi) >= 1 << bits:
+            raise CheckpointError(f"values {int(lo)}..{int(hi)} do not fit {bits} unsigned bits")
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=values.device)
-    mask = (1 << bits) - 1
     if dim == 0:
-        v = values.reshape(r // per, per, values.shape[1]).to(torch.int32) & mask
-        return (v << shifts.view(1, per, 1)).sum(dim=1, dtype=torch.int32)
-    v = values.reshape(values.shape[0], r // per, per).to(torch.int32) & mask
-    return (v << shifts).sum(dim=2, dtype=torch.int32)
+        v = values.reshape(r // per, per, values.shape[1]).to(torch.int32)
+        v <<= shifts.view(1, per, 1)
+        return v.sum(dim=1, dtype=torch.int32)
+    v = values.reshape(values.shape[0], r // per, per).to(torch.int32)
+    v <<= shifts
+    return v.sum(dim=2, dtype=torch.int32)
 
 
 def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:

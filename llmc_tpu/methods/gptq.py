@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from llmc_tpu.algorithms.gptq import GptqResult, Hessian, gptq_quantize, output_errors
+from llmc_tpu.engine import transfer
 from llmc_tpu.engine.blockwise import BlockInput, move
 from llmc_tpu.engine.distributed import Shard
 from llmc_tpu.fake_quant import fake_quant_weight
@@ -70,8 +71,10 @@ def collect_hessians(block: nn.Module, subsets: list[Subset], inputs: list[Block
     return hessians
 
 
-def _to_cpu(q: TpuQuantizedWeight) -> TpuQuantizedWeight:
-    return dataclasses.replace(q, codes=q.codes.cpu(), scale=q.scale.cpu(), zero=q.zero.cpu(), float_rows=q.float_rows.cpu())
+def to_host(q: TpuQuantizedWeight) -> TpuQuantizedWeight:
+    """A result's tensors in host memory (page-locked from a GPU: ``engine.transfer``)."""
+    return dataclasses.replace(q, **transfer.to_host({"codes": q.codes, "scale": q.scale, "zero": q.zero,
+                                                      "float_rows": q.float_rows}))
 
 
 class GptqMethod(Method):
@@ -95,16 +98,17 @@ class GptqMethod(Method):
                                                 token_clip=self.special["token_clip"], shard=ctx.shard)
                     for subset in stage:
                         t = time.perf_counter()
-                        notes.append(self._solve(ctx, subset, hessians[subset.layers[0]]))
+                        on_device = self._solve(ctx, subset, hessians[subset.layers[0]], notes)
                         solving += time.perf_counter() - t
                         for name in subset.layers:  # the next stages see this one quantized
                             linear = block.get_submodule(name)
-                            linear.weight.data = fake_quant_weight(ctx.results[name], linear.weight)
+                            linear.weight.data = fake_quant_weight(on_device[name], linear.weight)
             else:
                 hessians = collect_hessians(block, list(subsets), ctx.inputs, ctx.device, token_clip=self.special["token_clip"],
                                             shard=ctx.shard)
                 t = time.perf_counter()
-                notes += [self._solve(ctx, s, hessians[s.layers[0]]) for s in subsets]
+                for subset in subsets:
+                    self._solve(ctx, subset, hessians[subset.layers[0]], notes)
                 solving += time.perf_counter() - t
         finally:
             for name, weight in originals.items():
@@ -131,8 +135,10 @@ class GptqMethod(Method):
                                    zero=shard.gather(res.zero), zero_point_fixes=shard.total(res.zero_point_fixes))
 
     @torch.no_grad()
-    def _solve(self, ctx: BlockContext, subset: Subset, hessian: Hessian) -> dict[str, Any]:
-        """Quantize the subset's Linears as one matrix; record each Linear's result and output error."""
+    def _solve(self, ctx: BlockContext, subset: Subset, hessian: Hessian, notes: list[dict[str, Any]]
+               ) -> dict[str, TpuQuantizedWeight]:
+        """Quantize the subset's Linears as one matrix; record each Linear's result (in host memory) and output
+        error (in ``notes``). Returns the results where they were computed."""
         weights = [ctx.block.get_submodule(n).weight.data.float() for n in subset.layers]
         h = hessian.h
         if hessian.n == 0:  # an expert no calibration token reached: identity Hessian = TPU-MLIR's RTN codes
@@ -144,7 +150,7 @@ class GptqMethod(Method):
                                 "err": {}, "err_rtn": {}}
         if hessian.n == 0:
             note["uncalibrated"] = True
-        row = 0
+        row, on_device = 0, {}
         for name, w in zip(subset.layers, weights):
             q = res.tpu_weight(slice(row, row + w.shape[0]))
             row += w.shape[0]
@@ -152,11 +158,13 @@ class GptqMethod(Method):
             note["err"][name], note["err_rtn"][name] = output_errors(w, [q.dequantize(), rtn], hessian.h)
             if q.folded:
                 note.setdefault("folded_to_float", []).append(name)
-            ctx.results[name] = _to_cpu(q)
+            on_device[name] = q
+            ctx.results[name] = to_host(q)
         if res.warnings:
             note["warnings"] = res.warnings
         if res.dead_columns:
             note["dead_columns"] = res.dead_columns
         if res.zero_point_fixes:
             note["zero_point_fixes"] = res.zero_point_fixes
-        return note
+        notes.append(note)
+        return on_device

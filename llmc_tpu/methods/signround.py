@@ -50,7 +50,7 @@ from llmc_tpu.config.schema import SignRoundSpecial
 from llmc_tpu.engine.samples import CalibrationSamples
 from llmc_tpu.fake_quant import handoff_weight
 from llmc_tpu.methods.base import BlockContext, Method
-from llmc_tpu.methods.gptq import _to_cpu
+from llmc_tpu.methods.gptq import to_host
 from llmc_tpu.tpu.chips import quantized_out_features
 
 log = logging.getLogger("llmc_tpu")
@@ -271,7 +271,7 @@ class SignRoundMethod(Method):
                 note.setdefault("folded_to_float", []).append(n)
             if chosen[n].zero_point_fixes:
                 note["zero_point_fixes"] = note.get("zero_point_fixes", 0) + chosen[n].zero_point_fixes
-            ctx.results[n] = _to_cpu(q)
+            ctx.results[n] = to_host(q)
         note["time_s"] = round(time.perf_counter() - t0, 3)
         ctx.report["signround"] = note
         uncalibrated = [n for n in names if n not in reached] if iters else []
