@@ -46,17 +46,19 @@ def apply_fake_quant(model: nn.Module, results: QuantResults) -> None:
 
 
 @contextmanager
-def fake_quantized(block: nn.Module, results: QuantResults, prefix: str) -> Iterator[None]:
-    """Temporarily fake-quantize one block (for ``quant_out``), restoring its float weights after."""
+def fake_quantized(module: nn.Module, results: QuantResults, prefix: str = "") -> Iterator[None]:
+    """Temporarily fake-quantize the Linears of ``module`` (a block named ``prefix``, or with no prefix the model the
+    results are named in) that ``results`` has, where their weights lie; their float weights are put back after."""
+    start = f"{prefix}." if prefix else ""
     saved = {}
     try:
         for name, result in results.items():
-            if not name.startswith(prefix + "."):
+            if not name.startswith(start):
                 continue
-            linear = block.get_submodule(name[len(prefix) + 1:])
+            linear = module.get_submodule(name[len(start):])
             saved[name] = linear.weight.data
             linear.weight.data = fake_quant_weight(result, saved[name])
         yield
     finally:
         for name, weight in saved.items():
-            block.get_submodule(name[len(prefix) + 1:]).weight.data = weight
+            module.get_submodule(name[len(start):]).weight.data = weight

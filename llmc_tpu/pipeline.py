@@ -213,11 +213,14 @@ class Quantizer:
                                                  loaded.model_type, progress=self._bar)
                 self.report.outputs["onnx"] = str(out.final / "onnx")
             # the handoffs take the language Linears from the results; the fake-quant weights are for the fake_quant
-            # eval, fake_quant_model/ and the vision tower's fake quant (written as float weights)
-            if "fake_quant" in cfg.eval.eval_pos or cfg.save.save_fake or self.vision_results:
+            # eval, fake_quant_model/ and the vision tower's fake quant (written as float weights). The text eval
+            # alone makes them where the model runs, block by block or for the whole model, and drops them after:
+            # no fake-quant copy of the model in host memory
+            fake_model = cfg.save.save_fake or bool(self.vision_results) or bool(self.vlm_eval)
+            if fake_model and ("fake_quant" in cfg.eval.eval_pos or cfg.save.save_fake or self.vision_results):
                 with self.timer("fake quant"):
                     apply_fake_quant(loaded.model, {**results, **self.vision_results})
-            self._evaluate("fake_quant", loaded, eval_windows, preds)
+            self._evaluate("fake_quant", loaded, eval_windows, preds, None if fake_model else results)
             if cfg.save.save_fake:
                 with self.timer("save"):
                     save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("fake_quant_model"),
@@ -473,7 +476,8 @@ class Quantizer:
         return out
 
     def _evaluate(self, pos: str, loaded: LoadedModel, eval_windows: dict[str, torch.Tensor],
-                  preds: dict[str, dict[str, PplResult]]) -> None:
+                  preds: dict[str, dict[str, PplResult]], results: QuantResults | None = None) -> None:
+        """Perplexity (and VQA) at ``pos``; ``results``: the Linears to fake-quantize while the text eval runs."""
         if pos not in self.cfg.eval.eval_pos:
             return
         keep = self.cfg.eval.eval_token_consist and pos in ("pretrain", "fake_quant")
@@ -487,9 +491,10 @@ class Quantizer:
         with self.timer(f"eval {pos}"):
             for name, win in eval_windows.items():
                 if self.cfg.eval.inference_per_block:
-                    batches = blockwise_logits(loaded.model, loaded.spec, win, self.cfg.eval.bs, self.device, self._bar)
+                    batches = blockwise_logits(loaded.model, loaded.spec, win, self.cfg.eval.bs, self.device, self._bar,
+                                               results)
                 else:
-                    batches = whole_model_logits(loaded.model, win, self.cfg.eval.bs, self.device, self._bar)
+                    batches = whole_model_logits(loaded.model, win, self.cfg.eval.bs, self.device, self._bar, results)
                 result = perplexity(batches, keep_predictions=keep)
                 self.report.ppl.setdefault(pos, {})[name] = result.ppl
                 preds.setdefault(pos, {})[name] = result

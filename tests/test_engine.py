@@ -56,3 +56,48 @@ def test_a_block_goes_back_to_its_own_host_tensors(tiny_llama):
     for name, (ptr, value) in before.items():
         assert after[name].data_ptr() == ptr and torch.equal(after[name], value), name
     assert isinstance(block.self_attn.q_proj.weight, torch.nn.Parameter)
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_eval_fake_quantizes_where_it_runs_and_leaves_the_model_as_it_was(tiny_llama, per_block):
+    """The fake_quant eval with the results handed to the logits: the same logits as a model whose Linears were
+    replaced by their fake-quant weights (the earlier way, a whole fake-quant model in host memory), and after it
+    every tensor of the model is the one it had, same storage, same values."""
+    from llmc_tpu.fake_quant import apply_fake_quant, quantize_block
+    from llmc_tpu.tpu.rtn import TpuWeightFormat
+
+    loaded = load_model(str(tiny_llama), torch_dtype="bfloat16")
+    model, spec, dev = loaded.model, loaded.spec, torch.device("cpu")
+    fmt = TpuWeightFormat(4, 64)
+    results = {}
+    for i, block in enumerate(blocks_of(model, spec)):
+        results.update(quantize_block(block, spec, fmt, f"{spec.blocks}.{i}"))
+    win = torch.randint(0, 512, (3, 16), generator=torch.Generator().manual_seed(1))
+    before = {name: (t.data_ptr(), t.clone()) for name, t in model.state_dict().items()}
+
+    def logits(res):
+        if per_block:
+            return torch.cat([lg for _, lg in blockwise_logits(model, spec, win, 2, dev, results=res)])
+        return torch.cat([lg for _, lg in whole_model_logits(model, win, 2, dev, results=res)])
+
+    float_logits = logits(None)
+    streamed = logits(results)
+    after = model.state_dict()
+    for name, (ptr, value) in before.items():
+        assert after[name].data_ptr() == ptr and torch.equal(after[name], value), name
+    apply_fake_quant(model, results)
+    assert torch.equal(streamed, logits(None))
+    assert not torch.equal(streamed, float_logits)
+
+
+def test_to_device_moves_every_tensor_module_by_module(tiny_llama):
+    """``to_device`` ends where ``model.to`` does: every parameter and buffer on the device ('meta' stands in for
+    the GPU), and ``put_back`` brings the model's own host tensors back."""
+    from llmc_tpu.engine.forward import to_device
+
+    model = load_model(str(tiny_llama), torch_dtype="float32").model
+    saved = host_tensors(model)
+    to_device(model, torch.device("meta"))
+    assert all(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()])
+    put_back(saved)
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
