@@ -30,7 +30,7 @@ from llmc_tpu.engine.distributed import (
     share_cpu_threads,
 )
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
-from llmc_tpu.engine.host_memory import peak_rss_bytes, release_file_pages
+from llmc_tpu.engine.host_memory import peak_rss_bytes, process_age_s, release_file_pages
 from llmc_tpu.engine.microbatch import free_bytes, inputs_device, limit_device_memory, micro_batch_size
 from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
 from llmc_tpu.export.formats import EXPORTS, export_options, write_exports
@@ -184,6 +184,9 @@ class Quantizer:
         cfg = self.cfg
         if not self.ranks.main:
             return self._run_helper()
+        age = process_age_s()
+        if age is not None:  # the interpreter, the imports and the config, before this run began
+            self.timer.times["startup"] = age
         check_distributed(cfg, self.ranks, self.resume)
         preflight(cfg, self.fmt, self.overwrite, needs_calibration(cfg.quant.method))  # every problem, before any work
         out = OutputDir(cfg.save.save_path, self.overwrite, self.resume)
@@ -251,8 +254,10 @@ class Quantizer:
             self.report.peak_memory_gib = dict(self.timer.memory or {})
             self.report.outputs["report"] = str(out.final / "report.md")
             self.report.write(out.tmp)
+            start = time.perf_counter()
             shutil.rmtree(out.path(RESUME_FOLDER))
             out.commit()
+            log.info("resume checkpoints removed and %s in place in %.1f s", out.final, time.perf_counter() - start)
         except KeyboardInterrupt:
             self._settle_checkpoints()
             raise  # keep the checkpoints: --resume continues from the last finished block
