@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -45,19 +45,46 @@ def apply_fake_quant(model: nn.Module, results: QuantResults) -> None:
         linear.weight.data = fake_quant_weight(result, linear.weight.data)
 
 
+class RtnWhereNotChosen(Mapping[str, TpuQuantizedWeight]):
+    """Every quantized Linear of ``model`` by name: the method's result where it chose the codes, else TPU-MLIR's
+    RTN of the Linear's weight as it is when asked, computed where it lies. For the fake_quant eval, which then
+    needs no RTN codes kept from the quantize stage (a 7B model's are 13 GB as int16)."""
+
+    def __init__(self, model: nn.Module, names: Iterable[str], chosen: QuantResults, fmt: TpuWeightFormat) -> None:
+        self.model, self.names, self.chosen, self.fmt = model, list(names), chosen, fmt
+
+    def __getitem__(self, name: str) -> TpuQuantizedWeight:
+        if name in self.chosen:
+            return self.chosen[name]
+        if name not in self.names:
+            raise KeyError(name)
+        return quantize_weight(handoff_weight(self.model.get_submodule(name), self.fmt), self.fmt)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 @contextmanager
-def fake_quantized(module: nn.Module, results: QuantResults, prefix: str = "") -> Iterator[None]:
+def fake_quantized(module: nn.Module, results: Mapping[str, TpuQuantizedWeight], prefix: str = "",
+                   restore: bool = True) -> Iterator[None]:
     """Temporarily fake-quantize the Linears of ``module`` (a block named ``prefix``, or with no prefix the model the
-    results are named in) that ``results`` has, where their weights lie; their float weights are put back after."""
+    results are named in) that ``results`` has, where their weights lie; their float weights are put back after
+    (``restore=False``: not kept, for a caller that puts the module's own tensors back itself)."""
     start = f"{prefix}." if prefix else ""
     saved = {}
     try:
-        for name, result in results.items():
+        for name in results:
             if not name.startswith(start):
                 continue
             linear = module.get_submodule(name[len(start):])
-            saved[name] = linear.weight.data
-            linear.weight.data = fake_quant_weight(result, saved[name])
+            weight = linear.weight.data
+            linear.weight.data = fake_quant_weight(results[name], weight)
+            if restore:
+                saved[name] = weight
+            del weight
         yield
     finally:
         for name, weight in saved.items():

@@ -39,7 +39,7 @@ from llmc_tpu.export.gptq_checkpoint import llm_convert_auto_command, save_gptq_
 from llmc_tpu.export.hf_folder import save_hf_folder
 from llmc_tpu.export.onnx import check_exportable, save_onnx
 from llmc_tpu.export.output_dir import OutputDir
-from llmc_tpu.fake_quant import QuantResults, apply_fake_quant, fake_quantized, quantize_block
+from llmc_tpu.fake_quant import QuantResults, RtnWhereNotChosen, apply_fake_quant, fake_quantized, quantize_block
 from llmc_tpu.methods import build_method, needs_calibration
 from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.loading import LoadedModel, load_model
@@ -174,7 +174,7 @@ class Quantizer:
         self.ranks = launched_ranks()  # torchrun: this process's share of the calibration samples
         self.shard: Shard | None = None  # set with the calibration inputs
         self.memory_cap: int | None = None  # run.device_memory_gib in bytes, once the device is known
-        self.quant_counts: dict = {"n_linears": 0, "float_rows": 0, "partly": [], "folded": []}
+        self.quant_counts: dict = {"n_linears": 0, "float_rows": 0, "partly": [], "folded": [], "names": []}
 
     def _bar(self, iterable, **kwargs):
         return tqdm(iterable, disable=not self.progress, leave=False, **kwargs)
@@ -219,11 +219,11 @@ class Quantizer:
             # eval, fake_quant_model/ and the vision tower's fake quant (written as float weights). The text eval
             # alone makes them where the model runs, block by block or for the whole model, and drops them after:
             # no fake-quant copy of the model in host memory
-            fake_model = cfg.save.save_fake or bool(self.vision_results) or bool(self.vlm_eval)
-            if fake_model and ("fake_quant" in cfg.eval.eval_pos or cfg.save.save_fake or self.vision_results):
+            if self.needs_fake_model and ("fake_quant" in cfg.eval.eval_pos or cfg.save.save_fake or self.vision_results):
                 with self.timer("fake quant"):
                     apply_fake_quant(loaded.model, {**results, **self.vision_results})
-            self._evaluate("fake_quant", loaded, eval_windows, preds, None if fake_model else results)
+            self._evaluate("fake_quant", loaded, eval_windows, preds, None if self.needs_fake_model else
+                           RtnWhereNotChosen(loaded.model, self.quant_counts["names"], results, self.fmt))
             if cfg.save.save_fake:
                 with self.timer("save"):
                     save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("fake_quant_model"),
@@ -256,8 +256,10 @@ class Quantizer:
             self.report.write(out.tmp)
             start = time.perf_counter()
             shutil.rmtree(out.path(RESUME_FOLDER))
+            removed = time.perf_counter()
             out.commit()
-            log.info("resume checkpoints removed and %s in place in %.1f s", out.final, time.perf_counter() - start)
+            log.info("resume checkpoints removed in %.1f s; manifest written and %s in place in %.1f s",
+                     removed - start, out.final, time.perf_counter() - removed)
         except KeyboardInterrupt:
             self._settle_checkpoints()
             raise  # keep the checkpoints: --resume continues from the last finished block
@@ -374,12 +376,19 @@ class Quantizer:
 
     # -- helpers ------------------------------------------------------------------------------
     @property
+    def needs_fake_model(self) -> bool:
+        """Whether the fake-quant weights replace the model's own (save_fake writes them, a vision tower's fake quant
+        and the VQA eval run on them); otherwise the fake_quant eval makes them where the model runs and drops them."""
+        return bool(self.cfg.save.save_fake or "vision" in self.cfg.quant.quant_objects or self.vlm_eval)
+
+    @property
     def keeps_rtn_codes(self) -> bool:
-        """Whether a later stage reads TPU RTN's codes of the Linears whose codes the method left to TPU-MLIR: the
-        fake_quant eval, save_fake, the GPU exports, the GPTQ checkpoint (a Linear GPTQ left to RTN) or a vision
-        tower's fake quant. Only this run's main process writes outputs."""
+        """Whether a later stage reads TPU RTN's codes of the Linears whose codes the method left to TPU-MLIR: a
+        fake-quant model (``needs_fake_model``) for the fake_quant eval, save_fake, the GPU exports or the GPTQ
+        checkpoint (a Linear GPTQ left to RTN). The text eval alone recomputes them (``RtnWhereNotChosen``). Only
+        this run's main process writes outputs."""
         cfg = self.cfg
-        return self.ranks.main and ("fake_quant" in cfg.eval.eval_pos or cfg.save.save_fake
+        return self.ranks.main and (("fake_quant" in cfg.eval.eval_pos and self.needs_fake_model) or cfg.save.save_fake
                                     or any(getattr(cfg.save, key) for key in EXPORTS)
                                     or chooses_codes(cfg.quant.method) or "vision" in cfg.quant.quant_objects)
 
@@ -397,6 +406,7 @@ class Quantizer:
     def _count(self, block_results: QuantResults) -> None:
         """The summary's counts (rows the chip keeps in float, Linears it folds back to float), block by block."""
         counts = self.quant_counts
+        counts["names"] += list(block_results)
         counts["n_linears"] += len(block_results)
         counts["float_rows"] += sum(r.float_rows.shape[0] for r in block_results.values())
         counts["partly"] += [n for n, r in block_results.items() if r.float_rows.shape[0]]

@@ -205,22 +205,39 @@ def test_nan_is_named_with_block_and_layer(tmp_path, eval_txt):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("eval_pos", [[], ["fake_quant"]])
-def test_rtn_codes_are_kept_only_where_a_later_stage_reads_them(tmp_path, tiny_llama, eval_txt, eval_pos):
-    """The float handoff alone needs no codes: none are kept (on a GPU they had piled up, a 7B's 13 GB); the
-    fake_quant eval reads them: kept, in host memory. The report counts the Linears either way."""
+@pytest.mark.parametrize(("eval_pos", "save_fake"), [([], False), (["fake_quant"], False), (["fake_quant"], True)])
+def test_rtn_codes_are_kept_only_where_a_later_stage_reads_them(tmp_path, tiny_llama, eval_txt, eval_pos, save_fake):
+    """The float handoff alone needs no codes: none are kept (on a GPU they had piled up, a 7B's 13 GB). The
+    fake_quant eval alone recomputes them where the model runs: none kept either. save_fake reads them: kept, in
+    host memory. The report counts the Linears either way."""
     from llmc_tpu.models.loading import load_model
 
     cfg = config(tiny_llama, eval_txt, tmp_path / "out")
     cfg["eval"]["eval_pos"] = eval_pos
-    cfg["save"]["save_fake"] = False
+    cfg["save"]["save_fake"] = save_fake
     q = Quantizer(parse_config(cfg), progress=False)
     q.device = torch.device("cpu")
     results = q.quantize(load_model(str(tiny_llama)))
     assert q.quant_counts["n_linears"] == 7 * 2  # 7 Linears in each of the tiny Llama's 2 blocks
-    if eval_pos:
+    if save_fake:
         assert len(results) == 14 and all(r.codes.device.type == "cpu" for r in results.values())
     else:
         assert results == {}
     report = Quantizer(parse_config(cfg), progress=False).run()
     assert report.quantized["n_linears"] == 14 and report.quantized["float_rows"] == 0
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_fake_quant_ppl_is_the_same_without_a_fake_quant_model(tmp_path, tiny_llama, eval_txt, per_block):
+    """AWQ changes the weights: the fake_quant eval that recomputes RTN where the model runs (no RTN codes kept,
+    no fake-quant copy of the model) gives the perplexity of the fake-quant model that save_fake writes, exactly."""
+    ppl = {}
+    for save_fake in (False, True):
+        cfg = config(tiny_llama, eval_txt, tmp_path / f"out_{save_fake}")
+        cfg["quant"]["method"] = "Awq"
+        cfg["calib"] = {"name": "custom_txt", "path": str(eval_txt), "n_samples": 4, "seq_len": 32}
+        cfg["eval"]["eval_pos"] = ["fake_quant"]
+        cfg["eval"]["inference_per_block"] = per_block
+        cfg["save"]["save_fake"] = save_fake
+        ppl[save_fake] = Quantizer(parse_config(cfg), progress=False).run().ppl["fake_quant"]
+    assert ppl[False] == ppl[True]

@@ -82,3 +82,21 @@ def test_writing_a_mapped_model_keeps_it_out_of_resident_memory(tmp_path):
         growth[name] = _rss_file_mib() - before
         del mapped
     assert growth["library"] > 48 and growth["ours"] < 8, growth
+
+
+def test_the_writers_sha256_is_the_files_and_a_changed_file_is_hashed_again(tmp_path):
+    """The manifest takes the digest the writer computed while writing, and only while the file is as written."""
+    import hashlib
+    import os
+
+    from llmc_tpu.export import manifest
+
+    path = tmp_path / "m.safetensors"
+    save_file({"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(3, 5, dtype=torch.bfloat16)}, path)
+    assert manifest._sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert str(path.resolve()) in manifest._WRITTEN
+    with open(path, "ab") as f:
+        f.write(b"x")
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert manifest._sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()

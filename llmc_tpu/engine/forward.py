@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from llmc_tpu.engine.blockwise import blocks_of, capture_block_inputs, host_tensors, put_back, run_block
 from llmc_tpu.engine.host_memory import release_file_pages
-from llmc_tpu.fake_quant import QuantResults, fake_quantized
+from llmc_tpu.fake_quant import fake_quantized
 from llmc_tpu.models.registry import ModelSpec
+from llmc_tpu.tpu.rtn import TpuQuantizedWeight
 
 Progress = Callable[..., Iterator]
 
@@ -35,7 +36,7 @@ def to_device(model: nn.Module, device: torch.device) -> None:
 
 @torch.no_grad()
 def whole_model_logits(model: nn.Module, win: torch.Tensor, bs: int, device: torch.device,
-                       progress: Progress | None = None, results: QuantResults | None = None
+                       progress: Progress | None = None, results: Mapping[str, TpuQuantizedWeight] | None = None
                        ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Move the model to the device once and yield (ids, logits) per batch. ``results``: with those Linears
     fake-quantized (the TPU's weights, made on the device). After, the model points at its own host tensors
@@ -43,7 +44,7 @@ def whole_model_logits(model: nn.Module, win: torch.Tensor, bs: int, device: tor
     on_host = host_tensors(model)
     to_device(model, device)
     try:
-        with fake_quantized(model, results or {}):
+        with fake_quantized(model, results or {}, restore=False):  # put_back restores the host tensors
             batches = _batches(win, bs)
             for ids in progress(batches, desc="eval", unit="batch") if progress else batches:
                 yield ids, model(input_ids=ids.to(device), use_cache=False).logits
@@ -53,7 +54,7 @@ def whole_model_logits(model: nn.Module, win: torch.Tensor, bs: int, device: tor
 
 @torch.no_grad()
 def streamed_logits(model: nn.Module, spec: ModelSpec, batches: list, device: torch.device,
-                    progress: Progress | None = None, results: QuantResults | None = None) -> Iterator[torch.Tensor]:
+                    progress: Progress | None = None, results: Mapping[str, TpuQuantizedWeight] | None = None) -> Iterator[torch.Tensor]:
     """Logits per batch (ids, or a dict of model inputs), streaming the blocks through the device one at a time
     (for models that do not fit), then the final norm and lm_head. ``results``: each block runs with its Linears
     fake-quantized, made where it runs and dropped after, so no fake-quant model is ever held in host memory."""
@@ -62,7 +63,7 @@ def streamed_logits(model: nn.Module, spec: ModelSpec, batches: list, device: to
     for i, block in enumerate(progress(blocks, desc="eval (per block)", unit="block") if progress else blocks):
         on_host = host_tensors(block)
         block.to(device)
-        with fake_quantized(block, results or {}, f"{spec.blocks}.{i}"):
+        with fake_quantized(block, results or {}, f"{spec.blocks}.{i}", restore=False):
             inputs = run_block(block, inputs, device)
         put_back(on_host)
         release_file_pages(t for *_, t in on_host)  # read for this pass; faulted in again from the file if needed
@@ -78,7 +79,7 @@ def streamed_logits(model: nn.Module, spec: ModelSpec, batches: list, device: to
 
 
 def blockwise_logits(model: nn.Module, spec: ModelSpec, win: torch.Tensor, bs: int, device: torch.device,
-                     progress: Progress | None = None, results: QuantResults | None = None
+                     progress: Progress | None = None, results: Mapping[str, TpuQuantizedWeight] | None = None
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(ids, logits) per batch of eval windows, one block on the device at a time (``results``: fake-quantized)."""
     batches = _batches(win, bs)

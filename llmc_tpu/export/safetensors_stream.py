@@ -11,16 +11,19 @@ bytes with the library's for every dtype a checkpoint holds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from llmc_tpu.engine.host_memory import release_file_pages
+from llmc_tpu.export.manifest import remember_digest
 
 # safetensors' dtype names, in the order of its Dtype enum (the file lists wider dtypes first)
 _DTYPES = [
@@ -80,7 +83,8 @@ def save_file(entries: Mapping[str, Entry], filename: str | os.PathLike, metadat
     """Write ``entries`` (tensors, or ``Deferred`` ones) as ``safetensors.torch.save_file`` would, one at a time."""
     head, order = header_bytes(entries, metadata)
     path = Path(filename)
-    with open(path, "wb") as f:
+    digest = hashlib.sha256(head)
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="llmc_tpu-sha256") as hasher:
         f.write(head)
         for name in order:
             entry = entries[name]
@@ -89,6 +93,10 @@ def save_file(entries: Mapping[str, Entry], filename: str | os.PathLike, metadat
                 raise ValueError(f"{name}: built as {t.dtype} {tuple(t.shape)}, announced as {entry.dtype} {entry.shape}")
             data = t.detach().to("cpu").contiguous()
             if data.numel():
-                f.write(data.reshape(-1).view(torch.uint8).numpy().data)
+                raw = data.reshape(-1).view(torch.uint8).numpy().data
+                hashed = hasher.submit(digest.update, raw)  # hashed while written (both let go of the GIL)
+                f.write(raw)
+                hashed.result()
             release_file_pages([t])
             del t, data
+    remember_digest(path, digest.hexdigest())  # the output's manifest need not read the file back
