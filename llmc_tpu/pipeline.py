@@ -258,8 +258,8 @@ class Quantizer:
             shutil.rmtree(out.path(RESUME_FOLDER))
             removed = time.perf_counter()
             out.commit()
-            log.info("resume checkpoints removed in %.1f s; manifest written and %s in place in %.1f s",
-                     removed - start, out.final, time.perf_counter() - removed)
+            log.info("%s complete (resume checkpoints removed in %.1f s, manifest and rename in %.1f s)",
+                     out.final, removed - start, time.perf_counter() - removed)
         except KeyboardInterrupt:
             self._settle_checkpoints()
             raise  # keep the checkpoints: --resume continues from the last finished block
