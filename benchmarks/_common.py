@@ -42,3 +42,12 @@ def git_commit(root: Path, mark_modified: str | None = None) -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit
+
+
+def require_cuda():
+    """The CUDA device, or exit with a message where there is none (the GPU-only benchmarks)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("needs a CUDA GPU")
+    return torch.device("cuda")

@@ -29,7 +29,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import require_cuda, write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from llmc_tpu.engine.blockwise import BlockInput, run_block  # noqa: E402
 from llmc_tpu.fake_quant import fake_quantized, quantize_block  # noqa: E402
@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="print the top operations (CUDA and CPU time) of the last block")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
-    dev = torch.device("cuda")
+    dev = require_cuda()
     torch.manual_seed(0)
     fmt = TpuWeightFormat(4, args.group_size)
     spec = REGISTRY["llama"]

@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import git_commit, write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from _common import git_commit, require_cuda, write_result  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from llmc_tpu.algorithms import gptq  # noqa: E402
 from llmc_tpu.tpu.rtn import TpuWeightFormat  # noqa: E402
@@ -60,9 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="also print the CUDA time per operation of one solve per matrix")
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("needs a CUDA GPU")
-    dev = torch.device("cuda")
+    dev = require_cuda()
     gen = torch.Generator(device=dev).manual_seed(0)
     fmt = TpuWeightFormat(4, 64)
     kernels = ["graphs", "auto"]
