@@ -20,7 +20,11 @@ def to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, t in tensors.items():
         t = t.detach()
         if t.device.type == "cuda":
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            try:
+                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            except RuntimeError:  # page-locked memory refused (a container's limit): an ordinary copy
+                out[key] = t.cpu()
+                continue
             out[key] = host.copy_(t, non_blocking=True)
             streams.add(torch.cuda.current_stream(t.device))
         else:
