@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_model
 
-from llmc_tpu.algorithms.awq import ClipSearch, apply_clip, group_gram, search_clip
+from llmc_tpu.algorithms.awq import ClipSearch, apply_clip, group_grams, search_clip
 from llmc_tpu.config import parse_config
 from llmc_tpu.engine.blockwise import blocks_of, capture_block_inputs
 from llmc_tpu.methods.awq import AwqMethod, tpu_quantizer
@@ -83,7 +83,7 @@ def test_gram_error_equals_per_token_sum():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(50, 128, generator=g)
     d = torch.randn(8, 128, generator=g)
-    gram = group_gram([x], 64, 128)
+    (gram,) = group_grams(x, 64, 128)  # a 2-D input is one sequence: one [G, g, g] sum
     via_gram = torch.einsum("ngi,gij,ngj->ng", d.view(8, 2, 64), gram, d.view(8, 2, 64))
     explicit = torch.stack([((x[:, gi * 64:(gi + 1) * 64] @ d[:, gi * 64:(gi + 1) * 64].T) ** 2).sum(0) for gi in range(2)], 1)
     assert torch.allclose(via_gram, explicit, rtol=1e-4)
@@ -97,7 +97,7 @@ def test_clip_search_never_worse_and_scored_with_tpu_grid(sym):
     x = torch.randn(256, 128, generator=g)
     fmt = TpuWeightFormat(4, 64, False)
     quantize = tpu_quantizer(fmt)
-    gram = group_gram([x], 64, 128)
+    (gram,) = group_grams(x, 64, 128)  # a 2-D input is one sequence: one [G, g, g] sum
     clip = search_clip(w, gram, quantize, symmetric=sym)
     assert clip.err_after <= clip.err_before and clip.err_after < 0.95 * clip.err_before
     clipped = apply_clip(w, clip)

@@ -90,15 +90,6 @@ def group_grams(x: torch.Tensor, group_size: int, k: int) -> Iterator[torch.Tens
         yield torch.einsum("tgi,tgj->gij", xg, xg)
 
 
-def group_gram(xs: Iterable[torch.Tensor], group_size: int, k: int) -> torch.Tensor:
-    """Per-group Gram matrices ``[G, g, g]`` of the inputs, summed over every token (float32), in order."""
-    gram = None
-    for x in xs:
-        for part in group_grams(x, group_size, k):
-            gram = part if gram is None else gram.add_(part)
-    return gram
-
-
 @dataclass
 class ClipSearch:
     lo: torch.Tensor  # [N, G] lower clamp per group
