@@ -51,7 +51,7 @@ class RtnWhereNotChosen(Mapping[str, TpuQuantizedWeight]):
     needs no RTN codes kept from the quantize stage (a 7B model's are 13 GB as int16)."""
 
     def __init__(self, model: nn.Module, names: Iterable[str], chosen: QuantResults, fmt: TpuWeightFormat) -> None:
-        self.model, self.names, self.chosen, self.fmt = model, list(names), chosen, fmt
+        self.model, self.names, self.chosen, self.fmt = model, dict.fromkeys(names), chosen, fmt  # ordered, a set
 
     def __getitem__(self, name: str) -> TpuQuantizedWeight:
         if name in self.chosen:

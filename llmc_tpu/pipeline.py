@@ -174,7 +174,7 @@ class Quantizer:
         self.ranks = launched_ranks()  # torchrun: this process's share of the calibration samples
         self.shard: Shard | None = None  # set with the calibration inputs
         self.memory_cap: int | None = None  # run.device_memory_gib in bytes, once the device is known
-        self.quant_counts: dict = {"n_linears": 0, "float_rows": 0, "partly": [], "folded": [], "names": []}
+        self.quant_counts: dict = {"names": [], "float_rows": 0, "partly": [], "folded": []}
 
     def _bar(self, iterable, **kwargs):
         return tqdm(iterable, disable=not self.progress, leave=False, **kwargs)
@@ -404,10 +404,10 @@ class Quantizer:
         return {name: r if name in own else r.to("cpu") for name, r in block_results.items()}
 
     def _count(self, block_results: QuantResults) -> None:
-        """The summary's counts (rows the chip keeps in float, Linears it folds back to float), block by block."""
+        """The summary's counts (the quantized Linears, rows the chip keeps in float, Linears it folds back to float),
+        block by block."""
         counts = self.quant_counts
         counts["names"] += list(block_results)
-        counts["n_linears"] += len(block_results)
         counts["float_rows"] += sum(r.float_rows.shape[0] for r in block_results.values())
         counts["partly"] += [n for n, r in block_results.items() if r.float_rows.shape[0]]
         counts["folded"] += [n for n, r in block_results.items() if r.folded]
@@ -540,7 +540,7 @@ class Quantizer:
     def _summarize_quant(self) -> None:
         counts = self.quant_counts
         self.report.quantized = {
-            "n_linears": counts["n_linears"],
+            "n_linears": len(counts["names"]),
             "format": self.report.tpu_format["name"] + " " + self.report.tpu_format["granularity"],
             "float_rows": counts["float_rows"], "linears_with_float_rows": sorted(counts["partly"]),
             "folded_to_float": sorted(counts["folded"]),  # the compiler keeps no codes for these: (q - z) * s folded into a float weight
