@@ -62,7 +62,7 @@ def pack(values: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     if values.numel():
         lo, hi = torch.aminmax(values)
         if int(lo) < 0 or int(hi) >= 1 << bits:
-            raise CheckpointError(f"values {int(lo)}..{int(hi)} do not fit {bits} unsigned bits")
+            raise ValueError(f"values {int(lo)}..{int(hi)} cannot be packed in {bits} bits (0..{(1 << bits) - 1})")
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=values.device)
     if dim == 0:
         v = values.reshape(r // per, per, values.shape[1]).to(torch.int32)

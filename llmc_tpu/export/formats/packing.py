@@ -28,11 +28,10 @@ def pack_int32(values: torch.Tensor, bits: int, dim: int, pad: bool = False) -> 
 
     ``pad``: zero-fill to a whole number of words (compressed-tensors); otherwise the size
     along ``dim`` must be a multiple of ``32 / bits`` (AutoAWQ, GPTQ). The word layout is
-    the GPTQ handoff's (``gptq_checkpoint.pack``), reused here.
+    the GPTQ handoff's (``gptq_checkpoint.pack``), reused here; it refuses values outside
+    ``0 .. 2**bits - 1`` (a ``ValueError``).
     """
     n = per_word(bits)
-    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= (1 << bits)):
-        raise ValueError(f"values outside 0..{(1 << bits) - 1} cannot be packed in {bits} bits")
     size = values.shape[dim]
     if size % n:
         if not pad:
