@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from llmc_tpu.engine.transfer import host_buffer
+
 PARTS = 8  # the most processes a run can use; the tree over the parts fixes the order of every sum
 WORLD_SIZES = (1, 2, 4, 8)
 TIMEOUT = datetime.timedelta(hours=4)  # rank 0 evaluates and saves alone while the others wait
@@ -208,13 +210,7 @@ def _park(value: torch.Tensor) -> torch.Tensor:
     """A finished node of a large sum moved to pinned host memory while the device sums the next part. Copies run
     on the device's current stream, so each lands before anything that later reads or reuses its memory."""
     pool = _PARKING.setdefault((tuple(value.shape), value.dtype), [])
-    if pool:
-        host = pool.pop()
-    else:
-        try:
-            host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-        except RuntimeError:  # no pinned memory for this accelerator: a plain (synchronous) copy
-            host = torch.empty(value.shape, dtype=value.dtype)
+    host = pool.pop() if pool else host_buffer(value.shape, value.dtype)  # not pinned: a plain (synchronous) copy
     return host.copy_(value, non_blocking=host.is_pinned())
 
 

@@ -14,18 +14,22 @@ from collections.abc import Mapping
 import torch
 
 
+def host_buffer(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An empty host tensor, page-locked where it can be (refused: a container's limit, or no CUDA), else ordinary."""
+    try:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    except RuntimeError:
+        return torch.empty(shape, dtype=dtype)
+
+
 def to_host(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors in host memory (contiguous), in the same order; returns once every copy has landed."""
     out, streams = {}, set()
     for key, t in tensors.items():
         t = t.detach()
         if t.device.type == "cuda":
-            try:
-                host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            except RuntimeError:  # page-locked memory refused (a container's limit): an ordinary copy
-                out[key] = t.cpu()
-                continue
-            out[key] = host.copy_(t, non_blocking=True)
+            host = host_buffer(t.shape, t.dtype)
+            out[key] = host.copy_(t, non_blocking=host.is_pinned())
             streams.add(torch.cuda.current_stream(t.device))
         else:
             out[key] = t.cpu().contiguous()
