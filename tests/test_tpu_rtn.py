@@ -127,3 +127,36 @@ def test_fake_quant_error_is_bounded_by_half_a_step():
     q = quantize_weight(w, TpuWeightFormat(4, 64, False, "float16"))
     err = (q.dequantize() - w).abs().view(128, 4, 64).amax(-1)
     assert (err <= q.scale * 0.5 * 1.01 + 1e-7).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton RTN kernel runs on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits,symmetric,group_size,scale_dtype",
+                         [(4, False, 64, "bfloat16"), (4, True, 128, "bfloat16"), (8, False, 32, "float16"),
+                          (4, False, 256, "float16")])
+def test_scaled_rtn_kernel_matches_the_pytorch_operations_bit_for_bit(dtype, bits, symmetric, group_size, scale_dtype):
+    from llmc_tpu.tpu import rtn_kernel
+
+    if rtn_kernel.triton is None:
+        pytest.skip("Triton is not installed")
+    dev = torch.device("cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    fmt = TpuWeightFormat(bits, group_size, symmetric, scale_dtype)
+    n, k = 64 * 5 + 7, 4 * group_size  # 7 rows stay float (NPU rule), each group quantized otherwise
+    w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).to(dtype)
+    w[3, :group_size] = 0.0  # a constant group (the scale floor)
+    w[5, :group_size] = torch.arange(group_size, device=dev).to(dtype) * 2 ** -8  # codes on exact ties
+    s = torch.exp(torch.randn(k, device=dev, generator=gen) * 0.7)
+    s[:group_size] = 1.0
+    assert rtn_kernel._kernel_takes(w, fmt)
+    got = rtn_kernel.scaled_fake_quantize(w, s, fmt)
+    want = rtn_kernel.scaled_fake_quantize(w, s, fmt, use_kernel=False)
+    assert got.dtype == want.dtype == dtype
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), int((got != want).sum())
+    ref = fake_quantize(w[:, :group_size].float().to(fmt.handoff_dtype).float(), fmt).to(dtype)  # s = 1 there
+    assert torch.equal(got[:, :group_size], ref)
+    # unscaled, as AWQ's clip search quantizes its clamped candidates: float32 out, whatever w's dtype
+    got = rtn_kernel.handed_over_fake_quantize(w, fmt)
+    want = rtn_kernel.handed_over_fake_quantize(w, fmt, use_kernel=False)
+    assert got.dtype == want.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32)), int((got != want).sum())
