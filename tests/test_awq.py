@@ -7,6 +7,7 @@ import torch
 from tiny_models import make_tiny_model
 
 from llmc_tpu.algorithms.awq import ClipSearch, apply_clip, group_grams, search_clip
+from llmc_tpu.algorithms.awq_kernel import sample_squared_errors
 from llmc_tpu.config import parse_config
 from llmc_tpu.engine.blockwise import blocks_of, capture_block_inputs
 from llmc_tpu.methods.awq import AwqMethod, tpu_quantizer
@@ -107,3 +108,29 @@ def test_clip_search_never_worse_and_scored_with_tpu_grid(sym):
     assert float(err) == pytest.approx(clip.err_after, rel=1e-3)
     none = ClipSearch(clip.lo * 0 - 1e9, clip.hi * 0 + 1e9, clip.factor, 0, 0)
     assert torch.equal(apply_clip(w, none), w)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 16), (7, 16)])
+def test_sample_squared_errors_is_the_widened_squared_difference_summed_per_sample(shape):
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+    target = (out.float() + torch.randn(*shape, generator=gen) * 0.1).to(torch.bfloat16)
+    err = (out.float() - target.float()).pow(2)
+    want = err.reshape(shape[0], -1).sum(dim=1) if len(shape) == 3 else err.sum().reshape(1)
+    assert torch.equal(sample_squared_errors(out, target), want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton error kernel runs on CUDA only")
+def test_sample_squared_errors_kernel_against_float64():
+    from llmc_tpu.algorithms import awq_kernel
+
+    if awq_kernel.triton is None:
+        pytest.skip("Triton is not installed")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out = torch.randn(5, 300, 1000, device="cuda", generator=gen).to(torch.bfloat16)  # not a multiple of the block
+    target = (out.float() + torch.randn(out.shape, device="cuda", generator=gen) * 0.1).to(torch.bfloat16)
+    got = sample_squared_errors(out, target)
+    want = (out.double() - target.double()).pow(2).reshape(5, -1).sum(dim=1)
+    assert got.dtype == torch.float32 and got.shape == (5,)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=0)
+    assert torch.equal(got, sample_squared_errors(out, target))  # the same order of additions every time

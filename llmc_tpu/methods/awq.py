@@ -23,16 +23,18 @@ from llmc_tpu.algorithms.awq import (
     search_scale,
     weight_mean,
 )
+from llmc_tpu.algorithms.awq_kernel import sample_squared_errors
 from llmc_tpu.engine.blockwise import BlockInput, move
 from llmc_tpu.engine.distributed import Shard, sample_sum
 from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.registry import Subset, part_rows
-from llmc_tpu.tpu.rtn import TpuWeightFormat, fake_quantize
+from llmc_tpu.tpu.rtn import TpuWeightFormat
+from llmc_tpu.tpu.rtn_kernel import handed_over_fake_quantize, scaled_fake_quantize
 
 
 def tpu_quantizer(fmt: TpuWeightFormat):
     """The weight the TPU computes with, for a float weight as we will save it (bf16 or f16)."""
-    return lambda w: fake_quantize(w.to(fmt.handoff_dtype).float(), fmt)
+    return partial(handed_over_fake_quantize, fmt=fmt)
 
 
 @dataclass
@@ -214,11 +216,6 @@ class Prev:
             m.bias.data = (m.bias.data.float() / s).to(m.bias.dtype)
 
 
-def _sample_sums(err: torch.Tensor) -> torch.Tensor:
-    """A loss term summed per sample (``[bs, ...]`` outputs of one call; a 2-D output, an expert's rows: one)."""
-    return err.reshape(err.shape[0], -1).sum(dim=1) if err.dim() >= 3 else err.sum().reshape(1)
-
-
 def _by_sample(per_module: dict[str, list[torch.Tensor]]) -> torch.Tensor:
     """Per-sample sums of several modules as ``[samples, modules]`` (rows in sample order, whatever process holds
     them); modules that saw different row counts (MoE experts: one process only) one after the other."""
@@ -317,7 +314,6 @@ class AwqMethod(Method):
         targets = [c.replay(inspects[name], c.x) for name, c in chunks]
         n_elems = _total(ctx.shard, sum(t.numel() for t in targets))
         originals = [layer.weight.data.clone() for layer in layers]
-        quantize = tpu_quantizer(fmt)
         prev = Prev.resolve(ctx, group[0].prev_op)
         smap = ScaleMap.between(prev.n_out(layers[0]), layers[0], ctx.head_dim)
 
@@ -328,11 +324,10 @@ class AwqMethod(Method):
         def loss_fn(s: torch.Tensor) -> float:
             s_in = smap.expand(s)
             for layer, w in zip(layers, originals):
-                layer.weight.data = (quantize(w.float() * s_in) / s_in).to(w.dtype)
+                layer.weight.data = scaled_fake_quantize(w, s_in, fmt)
             per_sample: dict[str, list[torch.Tensor]] = {}  # per inspected module, one error sum per sample
             for (name, c), target in zip(chunks, targets):
-                per_sample.setdefault(name, []).append(
-                    _sample_sums((c.replay(inspects[name], c.x).float() - target.float()).pow(2)))
+                per_sample.setdefault(name, []).append(sample_squared_errors(c.replay(inspects[name], c.x), target))
             return float(_gather(ctx.shard, _by_sample(per_sample)).double().sum()) / n_elems
 
         try:
