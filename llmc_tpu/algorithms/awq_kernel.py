@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import torch
 
-try:  # shipped with PyTorch's CUDA builds; absent from its CPU builds
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the PyTorch build
-    triton = None
+from llmc_tpu.engine.triton_import import tl, triton
 
 BLOCK = 1024
 SLICES = 16  # per sample: enough programs to fill a GPU with a few dozen samples per chunk

@@ -16,19 +16,11 @@ import functools
 
 import torch
 
-try:  # shipped with PyTorch's CUDA builds; absent from its CPU builds
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the PyTorch build
-    triton = None
+from llmc_tpu.engine.triton_import import libdevice, tl, triton
 
 ROWS_PER_PROGRAM = 32
 
 if triton is not None:
-    try:
-        from triton.language.extra import libdevice
-    except ImportError:  # pragma: no cover - older Triton
-        from triton.language.extra.cuda import libdevice
 
     @triton.jit
     def _columns_kernel(w_ptr, q_ptr, err_ptr, s_ptr, z_ptr, d_ptr, hinv_ptr, n_rows, width, a, b, qmax,

@@ -19,22 +19,13 @@ import functools
 
 import torch
 
+from llmc_tpu.engine.triton_import import libdevice, tl, triton
 from llmc_tpu.tpu.chips import quantized_out_features
 from llmc_tpu.tpu.rtn import TpuWeightFormat, fake_quantize
-
-try:  # shipped with PyTorch's CUDA builds; absent from its CPU builds
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the PyTorch build
-    triton = None
 
 GROUPS_PER_PROGRAM = 32
 
 if triton is not None:
-    try:
-        from triton.language.extra import libdevice
-    except ImportError:  # pragma: no cover - older Triton
-        from triton.language.extra.cuda import libdevice
 
     @triton.jit
     def _round_half_away(x):
