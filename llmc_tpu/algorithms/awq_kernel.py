@@ -41,12 +41,9 @@ if triton is not None:
 def sample_squared_errors(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Float32 ``sum((out - target)^2)`` per sample: ``[bs]`` for ``[bs, ...]`` outputs; one sum for a 2-D output
     (an MoE expert's routed rows, not whole samples)."""
-    if out.dim() < 3:
-        err = out.float() - target
-        return err.mul_(err).sum().reshape(1)
-    bs = out.shape[0]
-    if (triton is not None and out.is_cuda and out.shape == target.shape and out.is_contiguous()
+    if (out.dim() >= 3 and triton is not None and out.is_cuda and out.shape == target.shape and out.is_contiguous()
             and target.is_contiguous() and out.numel()):
+        bs = out.shape[0]
         per_sample = out.numel() // bs
         slice_len = triton.cdiv(triton.cdiv(per_sample, SLICES), BLOCK) * BLOCK
         partial = torch.empty(bs, SLICES, dtype=torch.float32, device=out.device)
@@ -54,4 +51,5 @@ def sample_squared_errors(out: torch.Tensor, target: torch.Tensor) -> torch.Tens
                                             enable_fp_fusion=False)  # the square rounded before it is added
         return partial.sum(dim=1)
     err = out.float() - target  # float32 math; target widened as it is read
-    return err.mul_(err).reshape(bs, -1).sum(dim=1)
+    err.mul_(err)
+    return err.reshape(err.shape[0], -1).sum(dim=1) if err.dim() >= 3 else err.sum().reshape(1)

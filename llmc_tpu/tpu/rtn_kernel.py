@@ -9,19 +9,17 @@ whole groups in registers and writes the result once.
 
 The arithmetic is ``rtn``'s step for step, with its roundings: IEEE division (``div_rn``),
 rounding half away from zero as ``rtn.round_half_away`` computes it, the handoff and stored-scale
-dtype conversions round to nearest even, and no fused multiply-adds. ``tests/tpu/test_rtn_kernel.py``
-(CUDA only) checks the bits against the PyTorch path; ``scaled_fake_quantize`` is that path elsewhere.
+dtype conversions round to nearest even, and no fused multiply-adds. ``tests/test_tpu_rtn.py``
+(CUDA only) checks the bits against the PyTorch path, which is what runs elsewhere.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
 from llmc_tpu.engine.triton_import import libdevice, tl, triton
 from llmc_tpu.tpu.chips import quantized_out_features
-from llmc_tpu.tpu.rtn import TpuWeightFormat, fake_quantize
+from llmc_tpu.tpu.rtn import _ASYM_SCALE_FLOOR, TpuWeightFormat, fake_quantize
 
 GROUPS_PER_PROGRAM = 32
 
@@ -92,13 +90,6 @@ def scaled_fake_quantize(w: torch.Tensor, s: torch.Tensor, fmt: TpuWeightFormat,
     return (fake_quantize((w.float() * s).to(fmt.handoff_dtype).float(), fmt) / s).to(w.dtype)
 
 
-@functools.cache
-def _floor() -> float:
-    from llmc_tpu.tpu.rtn import _ASYM_SCALE_FLOOR
-
-    return float(_ASYM_SCALE_FLOOR)
-
-
 def _run_kernel(w: torch.Tensor, s: torch.Tensor | None, fmt: TpuWeightFormat, out_dtype: torch.dtype) -> torch.Tensor:
     n, k = w.shape
     gs = fmt.group_size
@@ -108,7 +99,7 @@ def _run_kernel(w: torch.Tensor, s: torch.Tensor | None, fmt: TpuWeightFormat, o
     total = n * groups_per_row
     grid = (triton.cdiv(total, GROUPS_PER_PROGRAM),)
     _scaled_rtn_kernel[grid](w, w if s is None else s, out, total, groups_per_row, n_q * groups_per_row,
-                             float(fmt.qmax), _floor(), float(1 << (fmt.bits - 1)), GS=gs, GROUPS=GROUPS_PER_PROGRAM,
-                             SYMMETRIC=fmt.symmetric, HANDOFF=_TL_DTYPES[fmt.handoff_dtype], SCALED=s is not None,
+                             float(fmt.qmax), float(_ASYM_SCALE_FLOOR), float(1 << (fmt.bits - 1)), GS=gs,
+                             GROUPS=GROUPS_PER_PROGRAM, SYMMETRIC=fmt.symmetric, HANDOFF=_TL_DTYPES[fmt.handoff_dtype], SCALED=s is not None,
                              enable_fp_fusion=False)  # every product rounded on its own, as PyTorch's kernels do
     return out
