@@ -100,3 +100,43 @@ def test_the_writers_sha256_is_the_files_and_a_changed_file_is_hashed_again(tmp_
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
     assert manifest._sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_sharded_save_writes_each_shard_as_the_library_would_and_raises_a_shard_s_error(tmp_path, tiny_llama,
+                                                                                         monkeypatch):
+    """``save_hf_folder`` writes its shards side by side: every file is the library's bytes for its tensors, the
+    index names every tensor, the manifest has each file's own sha256, and one shard's failure fails the save."""
+    import hashlib
+    import json
+
+    from llmc_tpu.export import hf_folder, manifest, safetensors_stream
+    from llmc_tpu.models.loading import load_model
+
+    loaded = load_model(str(tiny_llama))
+    monkeypatch.setattr(hf_folder, "SHARD_SIZE", "300KB")
+    dest = hf_folder.save_hf_folder(loaded.model, loaded.tokenizer, tiny_llama, tmp_path / "sharded")
+    shards = sorted(dest.glob("*.safetensors"))
+    assert len(shards) >= 3, shards
+    index = json.loads((dest / "model.safetensors.index.json").read_text())["weight_map"]
+    state = {k: v.to(torch.bfloat16) for k, v in loaded.model.state_dict().items() if k != "lm_head.weight"
+             or not loaded.model.config.tie_word_embeddings}
+    assert set(index) == set(state)
+    for shard in shards:
+        tensors = load_file(shard)
+        assert {k for k, f in index.items() if f == shard.name} == set(tensors)
+        for name, t in tensors.items():
+            assert torch.equal(t, state[name]), name
+        library_save_file(tensors, tmp_path / "lib.safetensors", metadata={"format": "pt"})
+        assert shard.read_bytes() == (tmp_path / "lib.safetensors").read_bytes(), shard.name
+        assert manifest._WRITTEN[str(shard.resolve())][2] == hashlib.sha256(shard.read_bytes()).hexdigest()
+
+    real_save = safetensors_stream.save_file
+
+    def second_shard_fails(entries, filename, metadata=None):
+        if "00002-of" in str(filename):
+            raise OSError("disk full")
+        return real_save(entries, filename, metadata)
+
+    monkeypatch.setattr(safetensors_stream, "save_file", second_shard_fails)
+    with pytest.raises(OSError, match="disk full"):
+        hf_folder.save_hf_folder(loaded.model, loaded.tokenizer, tiny_llama, tmp_path / "failed")
