@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # float weight [N, K] -> the weight the hardware computes with
+Loss = float | torch.Tensor  # a Python float, or a one-element tensor not read yet
 
 
 def activation_abs_sums(xs: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -63,21 +64,27 @@ class ScaleSearch:
     losses: list[float]
 
 
-def search_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, loss_fn: Callable[[torch.Tensor], float],
+def search_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, loss_fn: Callable[[torch.Tensor], Loss],
                  n_grid: int = 20, version: str = "v2") -> ScaleSearch:
-    """Try every ratio, keep the scale with the smallest loss (ties keep the smaller ratio)."""
-    losses, best = [], None
-    for i in range(n_grid):
-        ratio = i / n_grid
-        s = candidate_scale(x_mean, w_mean, ratio, version)
-        loss = float(loss_fn(s))
-        losses.append(loss)
-        if best is None or loss < best[2]:
-            best = (s, ratio, loss)
-    identity = float(loss_fn(torch.ones_like(x_mean)))
-    if identity <= best[2]:  # v1's grid does not contain s = 1; never do worse than RTN on the calibration loss
-        best = (torch.ones_like(x_mean), float("nan"), identity)
-    return ScaleSearch(best[0], best[1], best[2], identity, losses)
+    """Try every ratio, keep the scale with the smallest loss (ties keep the smaller ratio).
+
+    ``loss_fn`` may return its loss as a one-element tensor on the device: every candidate is then queued before
+    any loss is read, so the device never waits for the host between candidates (one read at the end).
+    """
+    scales = [candidate_scale(x_mean, w_mean, i / n_grid, version) for i in range(n_grid)]
+    identity_scale = torch.ones_like(x_mean)
+    *losses, identity = read_losses([loss_fn(s) for s in [*scales, identity_scale]])
+    best = min(range(n_grid), key=lambda i: (losses[i], i))
+    if identity <= losses[best]:  # v1's grid does not contain s = 1; never do worse than RTN on the calibration loss
+        return ScaleSearch(identity_scale, float("nan"), identity, identity, losses)
+    return ScaleSearch(scales[best], best / n_grid, losses[best], identity, losses)
+
+
+def read_losses(losses: list[Loss]) -> list[float]:
+    """Python floats of losses given as floats or one-element tensors, the tensors read in one transfer."""
+    tensors = [v.reshape(()) for v in losses if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in losses]
 
 
 def group_grams(x: torch.Tensor, group_size: int, k: int) -> Iterator[torch.Tensor]:
@@ -125,11 +132,12 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, quantize: Quantizer, symmet
             d = diff[r:r + row_chunk].view(-1, n_groups, g)
             err[r:r + row_chunk] = torch.einsum("ngi,gij,ngj->ng", d, gram, d)
         if err_before is None:
-            err_before = float(err.sum())
+            err_before = err.sum()  # read at the end with the result: no wait for the device in between
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_f = torch.where(better, torch.full_like(best_f, f), best_f)
-    return ClipSearch(lo0 * best_f, hi0 * best_f, best_f, err_before, float(best_err.sum()))
+    before, after = read_losses([err_before, best_err.sum()])
+    return ClipSearch(lo0 * best_f, hi0 * best_f, best_f, before, after)
 
 
 def apply_clip(w: torch.Tensor, clip: ClipSearch) -> torch.Tensor:

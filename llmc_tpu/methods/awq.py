@@ -321,14 +321,14 @@ class AwqMethod(Method):
         x_mean = smap.reduce(_gather(ctx.shard, rows).sum(dim=0) / _total(ctx.shard, tokens))
         w_mean = smap.reduce(weight_mean(originals, fmt.group_size)) if sp["trans_version"] == "v1" else None
 
-        def loss_fn(s: torch.Tensor) -> float:
+        def loss_fn(s: torch.Tensor) -> torch.Tensor:  # left on the device: search_scale reads them all at once
             s_in = smap.expand(s)
             for layer, w in zip(layers, originals):
                 layer.weight.data = scaled_fake_quantize(w, s_in, fmt)
             per_sample: dict[str, list[torch.Tensor]] = {}  # per inspected module, one error sum per sample
             for (name, c), target in zip(chunks, targets):
                 per_sample.setdefault(name, []).append(sample_squared_errors(c.replay(inspects[name], c.x), target))
-            return float(_gather(ctx.shard, _by_sample(per_sample)).double().sum()) / n_elems
+            return _gather(ctx.shard, _by_sample(per_sample)).double().sum() / n_elems
 
         try:
             result = search_scale(x_mean, w_mean, loss_fn, sp["n_grid"], sp["trans_version"])
