@@ -134,3 +134,62 @@ def test_sample_squared_errors_kernel_against_float64():
     assert got.dtype == torch.float32 and got.shape == (5,)
     assert torch.allclose(got.double(), want, rtol=1e-5, atol=0)
     assert torch.equal(got, sample_squared_errors(out, target))  # the same order of additions every time
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gram_loss_is_the_mean_squared_output_error(dtype):
+    """A lone Linear's candidate loss through its input's Gram matrix equals the mean squared error of its
+    outputs recomputed per token in float64 (the TPU's fake quant of the scaled weight, divided back)."""
+    from llmc_tpu.methods.awq import Call, ScaleMap, _gram_loss
+    from llmc_tpu.tpu.rtn_kernel import scaled_fake_quantize
+
+    g = torch.Generator().manual_seed(3)
+    n, k = 24, 128
+    w = (torch.randn(n, k, generator=g) * 0.05).to(dtype)
+    xs = [(torch.randn(3, 16, k, generator=g) * torch.rand(k, generator=g) * 4).to(dtype),
+          torch.randn(2, 16, k, generator=g).to(dtype)]
+    calls = [Call(x, (), {}, None) for x in xs]
+    fmt = TpuWeightFormat()
+    loss_fn = _gram_loss(w, calls, ScaleMap(k), fmt, None)
+    for s in [torch.ones(k), torch.rand(k, generator=g) + 0.5, torch.rand(k, generator=g) * 3 + 0.1]:
+        e = scaled_fake_quantize(w, s, fmt).double() - w.double()
+        x = torch.cat([x.reshape(-1, k) for x in xs]).double()
+        expected = float(((x @ e.T) ** 2).sum()) / (x.shape[0] * n)
+        got = loss_fn(s)
+        assert isinstance(got, torch.Tensor) and got.dtype == torch.float64
+        assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def test_gram_loss_applies_to_a_lone_linear_on_cuda_only(tmp_path):
+    """o_proj and down_proj (their own inspected module) on CUDA; never the attention or MLP groups, never on the CPU."""
+    from llmc_tpu.methods.awq import gram_loss_applies, scale_groups
+
+    loaded = load_model(str(make_tiny_model(tmp_path, "llama", heads=4, kv_heads=4, hidden=128)), torch_dtype="float32")
+    block = blocks_of(loaded.model, loaded.spec)[0]
+    groups = scale_groups(loaded.spec.block_subsets(block))
+    on_cuda = {g[0].layers: gram_loss_applies(torch.device("cuda"), g, block) for g in groups}
+    assert on_cuda == {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): False,
+                       ("self_attn.o_proj",): True, ("mlp.gate_proj", "mlp.up_proj"): False, ("mlp.down_proj",): True}
+    assert not any(gram_loss_applies(torch.device("cpu"), g, block) for g in groups)
+
+
+def test_gram_loss_picks_the_scales_the_forwards_pick(tmp_path, monkeypatch):
+    """Run with the Gram loss forced on the CPU, a float32 model picks the same ratio for every group as with the
+    forwards, with losses equal to float rounding."""
+    from llmc_tpu.methods import awq as awq_method
+
+    folder = make_tiny_model(tmp_path, "llama", heads=4, kv_heads=4, hidden=128)
+    ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
+    special = awq_special(weight_clip=False, trans_version="v1")
+    reports = {}
+    for forced in (False, True):
+        if forced:
+            monkeypatch.setattr(awq_method, "gram_loss_applies",
+                                lambda device, group, block: len(group) == 1 and group[0].layers == (group[0].inspect,))
+        loaded = load_model(str(folder), torch_dtype="float32")
+        reports[forced] = run_awq_on_model(loaded.model, loaded.spec, [ids], special)
+    for plain, gram in zip(reports[False], reports[True]):
+        assert [s["layers"] for s in plain["scaled"]] == [s["layers"] for s in gram["scaled"]]
+        for a, b in zip(plain["scaled"], gram["scaled"]):
+            assert a["ratio"] == b["ratio"] or (a["ratio"] != a["ratio"] and b["ratio"] != b["ratio"]), (a, b)
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["loss_rtn"] == pytest.approx(a["loss_rtn"], rel=1e-4)

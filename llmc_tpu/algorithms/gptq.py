@@ -36,6 +36,7 @@ import torch
 
 from llmc_tpu.algorithms import gptq_kernel
 from llmc_tpu.engine.distributed import Shard, parts_sizes, sample_sum
+from llmc_tpu.engine.tf32 import tf32_matmuls
 from llmc_tpu.tpu.chips import quantized_out_features
 from llmc_tpu.tpu.rtn import TpuQuantizedWeight, TpuWeightFormat, round_half_away, tpu_grid
 
@@ -395,16 +396,12 @@ def output_errors(w: torch.Tensor, candidates: Sequence[torch.Tensor], hessian: 
     calibration inputs. A diagnostic for the report: on CUDA the products may use TF32 (a 7B block's errors cost
     a tenth of the solve instead of half of it)."""
     w = w.float().to(hessian.device)
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with tf32_matmuls():
         den = float(((w @ hessian) * w).sum())
         errs = []
         for wq in candidates:
             d = w - wq.float().to(hessian.device)
             errs.append(float(((d @ hessian) * d).sum()) / den if den > 0 else 0.0)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
     return errs
 
 

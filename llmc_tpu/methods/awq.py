@@ -26,6 +26,7 @@ from llmc_tpu.algorithms.awq import (
 from llmc_tpu.algorithms.awq_kernel import sample_squared_errors
 from llmc_tpu.engine.blockwise import BlockInput, move
 from llmc_tpu.engine.distributed import Shard, sample_sum
+from llmc_tpu.engine.tf32 import tf32_matmuls
 from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.registry import Subset, part_rows
 from llmc_tpu.tpu.rtn import TpuWeightFormat
@@ -244,6 +245,74 @@ def scale_groups(subsets: tuple[Subset, ...]) -> list[list[Subset]]:
     return [*groups.values(), *alone]
 
 
+def gram_loss_applies(device: torch.device, group: list[Subset], block: nn.Module) -> bool:
+    """Whether a group's candidates are scored through the Gram matrix of its input instead of forwards: one Linear
+    that is its own inspected module (o_proj, down_proj), on CUDA. ``sum_t ||E x_t||^2 = sum((E @ G) * E)`` with
+    ``G = sum_t x_t x_t^T`` costs ``N K^2`` per candidate instead of ``N K T`` for ``T`` tokens (a 7B block's
+    down_proj: a sixth), and it has no bf16 rounding of the outputs. The CPU keeps the forwards, so that its results
+    (the demo's, the tests') stay those the forwards gave."""
+    if device.type != "cuda" or len(group) != 1:
+        return False
+    subset = group[0]
+    return subset.layers == (subset.inspect,) and not subset.scale_only \
+        and isinstance(block.get_submodule(subset.inspect), nn.Linear)
+
+
+def _output_loss(ctx: BlockContext, group: list[Subset], calls: dict[str, list[Call]], layers: list[nn.Module],
+                 originals: list[torch.Tensor], smap: ScaleMap, chunk_tokens: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The mean squared error of the inspected modules' outputs, replayed on the recorded inputs with the layers
+    fake-quantized under a candidate scale, against their float outputs (summed per sample, in sample order)."""
+    inspects = {s.inspect: ctx.block.get_submodule(s.inspect) for s in group}
+    chunks = [(name, c) for name in inspects for call in calls[name] for c in call.chunks(chunk_tokens)]
+    targets = [c.replay(inspects[name], c.x) for name, c in chunks]
+    n_elems = _total(ctx.shard, sum(t.numel() for t in targets))
+
+    def loss_fn(s: torch.Tensor) -> torch.Tensor:  # left on the device: search_scale reads them all at once
+        s_in = smap.expand(s)
+        for layer, w in zip(layers, originals):
+            layer.weight.data = scaled_fake_quantize(w, s_in, ctx.fmt)
+        per_sample: dict[str, list[torch.Tensor]] = {}  # per inspected module, one error sum per sample
+        for (name, c), target in zip(chunks, targets):
+            per_sample.setdefault(name, []).append(sample_squared_errors(c.replay(inspects[name], c.x), target))
+        return _gather(ctx.shard, _by_sample(per_sample)).double().sum() / n_elems
+
+    return loss_fn
+
+
+def input_gram(calls: list[Call], shard: Shard | None) -> tuple[torch.Tensor, int]:
+    """``sum_t x_t x_t^T`` (float32 ``[K, K]``) over every calibration token of a Linear's recorded inputs, summed in
+    the samples' fixed order over every process, and the token count. On CUDA bf16/f16 inputs multiply in TF32:
+    their values are exact there and the products exact in float32."""
+    x0 = calls[0].x
+    k = x0.shape[-1]
+    acc = sample_sum(shard, (k, k), torch.float32, x0.device)
+    tokens = 0
+    with tf32_matmuls(x0.dtype in (torch.bfloat16, torch.float16)):
+        for call in calls:
+            x = call.x
+            for seq in (x.reshape(-1, x.shape[-2], k) if x.dim() >= 3 else x.reshape(1, -1, k)):
+                seq = seq.float()
+                acc.slot(x.dim() >= 3).addmm_(seq.T, seq)
+            tokens += x.numel() // k
+    return acc.result(), _total(shard, tokens)
+
+
+def _gram_loss(w: torch.Tensor, calls: list[Call], smap: ScaleMap, fmt: TpuWeightFormat, shard: Shard | None
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``_output_loss`` of one Linear (see ``gram_loss_applies``): ``sum((E @ G) * E)`` over the elements of its
+    outputs, ``E`` the fake-quantized weight under a candidate scale minus the float one (float32, TF32 products)."""
+    gram, tokens = input_gram(calls, shard)
+    n_elems = tokens * w.shape[0]
+    wf = w.float()
+
+    def loss_fn(s: torch.Tensor) -> torch.Tensor:
+        e = scaled_fake_quantize(w, smap.expand(s), fmt).float() - wf
+        with tf32_matmuls():
+            return ((e @ gram) * e).sum().double() / n_elems
+
+    return loss_fn
+
+
 class AwqMethod(Method):
     name = "Awq"
     needs_calibration = True
@@ -309,10 +378,6 @@ class AwqMethod(Method):
         block, fmt, sp = ctx.block, ctx.fmt, self.special
         names = [n for s in group for n in s.layers]
         layers = [block.get_submodule(n) for n in names]
-        inspects = {s.inspect: block.get_submodule(s.inspect) for s in group}
-        chunks = [(name, c) for name in inspects for call in calls[name] for c in call.chunks(sp["chunk_tokens"])]
-        targets = [c.replay(inspects[name], c.x) for name, c in chunks]
-        n_elems = _total(ctx.shard, sum(t.numel() for t in targets))
         originals = [layer.weight.data.clone() for layer in layers]
         prev = Prev.resolve(ctx, group[0].prev_op)
         smap = ScaleMap.between(prev.n_out(layers[0]), layers[0], ctx.head_dim)
@@ -320,15 +385,10 @@ class AwqMethod(Method):
         rows, tokens = activation_abs_sums(c.x for c in calls[group[0].inspect])
         x_mean = smap.reduce(_gather(ctx.shard, rows).sum(dim=0) / _total(ctx.shard, tokens))
         w_mean = smap.reduce(weight_mean(originals, fmt.group_size)) if sp["trans_version"] == "v1" else None
-
-        def loss_fn(s: torch.Tensor) -> torch.Tensor:  # left on the device: search_scale reads them all at once
-            s_in = smap.expand(s)
-            for layer, w in zip(layers, originals):
-                layer.weight.data = scaled_fake_quantize(w, s_in, fmt)
-            per_sample: dict[str, list[torch.Tensor]] = {}  # per inspected module, one error sum per sample
-            for (name, c), target in zip(chunks, targets):
-                per_sample.setdefault(name, []).append(sample_squared_errors(c.replay(inspects[name], c.x), target))
-            return _gather(ctx.shard, _by_sample(per_sample)).double().sum() / n_elems
+        if gram_loss_applies(ctx.device, group, block):
+            loss_fn = _gram_loss(originals[0], calls[group[0].inspect], smap, fmt, ctx.shard)
+        else:
+            loss_fn = _output_loss(ctx, group, calls, layers, originals, smap, sp["chunk_tokens"])
 
         try:
             result = search_scale(x_mean, w_mean, loss_fn, sp["n_grid"], sp["trans_version"])
