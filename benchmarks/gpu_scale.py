@@ -358,6 +358,24 @@ def peer_importable(python: str) -> str | None:
     return None if probe.returncode == 0 else (probe.stderr.strip().splitlines() or ["import failed"])[-1]
 
 
+# What each tool's process imports, run once before the timed processes: the bytecode Python caches on a first
+# import (site-packages installed with --no-compile, a fresh checkout) is then there for both, as on any second run
+WARM_IMPORTS = {
+    "ours": "import llmc_tpu.cli, llmc_tpu.pipeline; from transformers import AutoTokenizer, LlamaForCausalLM",
+    "llm-compressor": "import datasets; from transformers import AutoModelForCausalLM; from llmcompressor import oneshot; "
+                      "from llmcompressor.modifiers.awq import AWQModifier; from llmcompressor.modifiers.quantization "
+                      "import GPTQModifier",
+}
+
+
+def warm_imports(tool: str, python: str) -> dict[str, Any]:
+    """Import what ``tool``'s process imports, untimed by the rows; its wall time and exit code for the JSON."""
+    start = time.perf_counter()
+    proc = subprocess.run([python, "-c", WARM_IMPORTS[tool]], cwd=ROOT, capture_output=True, text=True)
+    return {"python": python, "wall_s": round(time.perf_counter() - start, 3), "exit_code": proc.returncode,
+            **({"stderr_tail": proc.stderr[-500:]} if proc.returncode else {})}
+
+
 def peer_recipe(method: str) -> list:
     """llm-compressor's modifiers for W4 asymmetric group 64 (its defaults otherwise; lm_head kept)."""
     import awq_vs_reference
@@ -563,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
     if peer_skip and not args.no_peer:
         print(f"llm-compressor: skipped, not importable by {args.peer_python} ({peer_skip}); give --peer-python of a "
               "venv that has it (benchmarks/README.md) or --no-peer", flush=True)
+    warmed = {} if args.peer_only else {"ours": warm_imports("ours", sys.executable)}
+    if not peer_skip:
+        warmed["llm-compressor"] = warm_imports("llm-compressor", args.peer_python)
     tokenizer = AutoTokenizer.from_pretrained(model)
     calib = write_calib_text(workdir, tokenizer, args.samples * max(METHODS[m].seq_len for m in args.methods))
     rows: list[Row] = []
@@ -584,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(args.peer_python)
     for r in rows:
         r.details["environment"] = env
+        r.details["imports_warmed"] = warmed.get(r.tool)
     all_rows = merged_rows(args.out, rows)
     text = table(all_rows)
     print("\n" + text)
