@@ -173,14 +173,15 @@ def test_gram_loss_applies_to_a_lone_linear_on_cuda_only(tmp_path):
     assert not any(gram_loss_applies(torch.device("cpu"), g, block) for g in groups)
 
 
-def test_gram_loss_picks_the_scales_the_forwards_pick(tmp_path, monkeypatch):
+@pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention, o_proj's scales repeated over the v heads
+def test_gram_loss_picks_the_scales_the_forwards_pick(tmp_path, monkeypatch, kv_heads):
     """Run with the Gram loss forced on the CPU, a float32 model picks the same ratio for every group as with the
     forwards, with losses equal to float rounding."""
     from llmc_tpu.methods import awq as awq_method
 
-    folder = make_tiny_model(tmp_path, "llama", heads=4, kv_heads=4, hidden=128)
+    folder = make_tiny_model(tmp_path, "llama", heads=4, kv_heads=kv_heads, hidden=128)
     ids = torch.randint(0, 512, (4, 32), generator=torch.Generator().manual_seed(1))
-    special = awq_special(weight_clip=False, trans_version="v1")
+    special = awq_special(weight_clip=False, trans_version="v1", gqa_o_proj="repeat")
     reports = {}
     for forced in (False, True):
         if forced:
@@ -190,6 +191,7 @@ def test_gram_loss_picks_the_scales_the_forwards_pick(tmp_path, monkeypatch):
         reports[forced] = run_awq_on_model(loaded.model, loaded.spec, [ids], special)
     for plain, gram in zip(reports[False], reports[True]):
         assert [s["layers"] for s in plain["scaled"]] == [s["layers"] for s in gram["scaled"]]
+        assert ["self_attn.o_proj"] in [s["layers"] for s in gram["scaled"]]
         for a, b in zip(plain["scaled"], gram["scaled"]):
             assert a["ratio"] == b["ratio"] or (a["ratio"] != a["ratio"] and b["ratio"] != b["ratio"]), (a, b)
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["loss_rtn"] == pytest.approx(a["loss_rtn"], rel=1e-4)
