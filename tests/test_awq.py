@@ -150,7 +150,7 @@ def test_gram_loss_is_the_mean_squared_output_error(dtype):
           torch.randn(2, 16, k, generator=g).to(dtype)]
     calls = [Call(x, (), {}, None) for x in xs]
     fmt = TpuWeightFormat()
-    loss_fn = _gram_loss(w, calls, ScaleMap(k), fmt, None)
+    loss_fn = _gram_loss(w, calls, 5 * 16, ScaleMap(k), fmt, None)
     for s in [torch.ones(k), torch.rand(k, generator=g) + 0.5, torch.rand(k, generator=g) * 3 + 0.1]:
         e = scaled_fake_quantize(w, s, fmt).double() - w.double()
         x = torch.cat([x.reshape(-1, k) for x in xs]).double()
@@ -167,10 +167,17 @@ def test_gram_loss_applies_to_a_lone_linear_on_cuda_only(tmp_path):
     loaded = load_model(str(make_tiny_model(tmp_path, "llama", heads=4, kv_heads=4, hidden=128)), torch_dtype="float32")
     block = blocks_of(loaded.model, loaded.spec)[0]
     groups = scale_groups(loaded.spec.block_subsets(block))
-    on_cuda = {g[0].layers: gram_loss_applies(torch.device("cuda"), g, block) for g in groups}
+    cuda = torch.device("cuda")
+    on_cuda = {g[0].layers: gram_loss_applies(cuda, g, block, 4 * 1024) for g in groups}
     assert on_cuda == {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): False,
                        ("self_attn.o_proj",): True, ("mlp.gate_proj", "mlp.up_proj"): False, ("mlp.down_proj",): True}
-    assert not any(gram_loss_applies(torch.device("cpu"), g, block) for g in groups)
+    assert not any(gram_loss_applies(torch.device("cpu"), g, block, 4 * 1024) for g in groups)
+    # with fewer tokens than 4x its input width, a Linear keeps the forwards
+    widths = {g[0].layers: block.get_submodule(g[0].inspect).in_features for g in groups if on_cuda[g[0].layers]}
+    for g in groups:
+        if on_cuda[g[0].layers]:
+            enough = 4 * widths[g[0].layers]
+            assert gram_loss_applies(cuda, g, block, enough) and not gram_loss_applies(cuda, g, block, enough - 1)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])  # 2: grouped-query attention, o_proj's scales repeated over the v heads
@@ -185,8 +192,8 @@ def test_gram_loss_picks_the_scales_the_forwards_pick(tmp_path, monkeypatch, kv_
     reports = {}
     for forced in (False, True):
         if forced:
-            monkeypatch.setattr(awq_method, "gram_loss_applies",
-                                lambda device, group, block: len(group) == 1 and group[0].layers == (group[0].inspect,))
+            monkeypatch.setattr(awq_method, "gram_loss_applies", lambda device, group, block, tokens:
+                                len(group) == 1 and group[0].layers == (group[0].inspect,))
         loaded = load_model(str(folder), torch_dtype="float32")
         reports[forced] = run_awq_on_model(loaded.model, loaded.spec, [ids], special)
     for plain, gram in zip(reports[False], reports[True]):

@@ -245,17 +245,25 @@ def scale_groups(subsets: tuple[Subset, ...]) -> list[list[Subset]]:
     return [*groups.values(), *alone]
 
 
-def gram_loss_applies(device: torch.device, group: list[Subset], block: nn.Module) -> bool:
+# the Gram matrix pays off when the calibration tokens are at least this many times the Linear's input width
+GRAM_TOKENS_PER_INPUT = 4
+
+
+def gram_loss_applies(device: torch.device, group: list[Subset], block: nn.Module, tokens: int) -> bool:
     """Whether a group's candidates are scored through the Gram matrix of its input instead of forwards: one Linear
-    that is its own inspected module (o_proj, down_proj), on CUDA. ``sum_t ||E x_t||^2 = sum((E @ G) * E)`` with
-    ``G = sum_t x_t x_t^T`` costs ``N K^2`` per candidate instead of ``N K T`` for ``T`` tokens (a 7B block's
-    down_proj: a sixth), and it has no bf16 rounding of the outputs. The CPU keeps the forwards, so that its results
-    (the demo's, the tests') stay those the forwards gave."""
+    that is its own inspected module (o_proj, down_proj), on CUDA, with ``tokens`` (every process's) at least
+    ``GRAM_TOKENS_PER_INPUT`` times its input width ``K``. ``sum_t ||E x_t||^2 = sum((E @ G) * E)`` with
+    ``G = sum_t x_t x_t^T`` costs ``N K^2`` per candidate instead of ``N K T`` (a 7B block's down_proj over 65,536
+    tokens: a sixth), once ``G`` is summed (``T K^2``), and it has no bf16 rounding of the outputs. A 70B's
+    down_proj (K = 28,672) keeps the forwards: its Gram products would cost about as much, and ``G`` would take
+    3.3 GB of the device. The rule reads only totals, so every process count takes the same path. The CPU keeps the
+    forwards, so that its results (the demo's, the tests') stay those the forwards gave."""
     if device.type != "cuda" or len(group) != 1:
         return False
     subset = group[0]
-    return subset.layers == (subset.inspect,) and not subset.scale_only \
-        and isinstance(block.get_submodule(subset.inspect), nn.Linear)
+    linear = block.get_submodule(subset.inspect)
+    return subset.layers == (subset.inspect,) and not subset.scale_only and isinstance(linear, nn.Linear) \
+        and tokens >= GRAM_TOKENS_PER_INPUT * linear.in_features
 
 
 def _output_loss(ctx: BlockContext, group: list[Subset], calls: dict[str, list[Call]], layers: list[nn.Module],
@@ -279,29 +287,28 @@ def _output_loss(ctx: BlockContext, group: list[Subset], calls: dict[str, list[C
     return loss_fn
 
 
-def input_gram(calls: list[Call], shard: Shard | None) -> tuple[torch.Tensor, int]:
+def input_gram(calls: list[Call], shard: Shard | None) -> torch.Tensor:
     """``sum_t x_t x_t^T`` (float32 ``[K, K]``) over every calibration token of a Linear's recorded inputs, summed in
-    the samples' fixed order over every process, and the token count. On CUDA bf16/f16 inputs multiply in TF32:
-    their values are exact there and the products exact in float32."""
+    the samples' fixed order over every process. On CUDA bf16/f16 inputs multiply in TF32: their values are exact
+    there and the products exact in float32."""
     x0 = calls[0].x
     k = x0.shape[-1]
     acc = sample_sum(shard, (k, k), torch.float32, x0.device)
-    tokens = 0
     with tf32_matmuls(x0.dtype in (torch.bfloat16, torch.float16)):
         for call in calls:
             x = call.x
             for seq in (x.reshape(-1, x.shape[-2], k) if x.dim() >= 3 else x.reshape(1, -1, k)):
                 seq = seq.float()
                 acc.slot(x.dim() >= 3).addmm_(seq.T, seq)
-            tokens += x.numel() // k
-    return acc.result(), _total(shard, tokens)
+    return acc.result()
 
 
-def _gram_loss(w: torch.Tensor, calls: list[Call], smap: ScaleMap, fmt: TpuWeightFormat, shard: Shard | None
-               ) -> Callable[[torch.Tensor], torch.Tensor]:
+def _gram_loss(w: torch.Tensor, calls: list[Call], tokens: int, smap: ScaleMap, fmt: TpuWeightFormat,
+               shard: Shard | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``_output_loss`` of one Linear (see ``gram_loss_applies``): ``sum((E @ G) * E)`` over the elements of its
-    outputs, ``E`` the fake-quantized weight under a candidate scale minus the float one (float32, TF32 products)."""
-    gram, tokens = input_gram(calls, shard)
+    outputs (``tokens`` of every process), ``E`` the fake-quantized weight under a candidate scale minus the float
+    one (float32, TF32 products)."""
+    gram = input_gram(calls, shard)
     n_elems = tokens * w.shape[0]
     wf = w.float()
 
@@ -383,10 +390,11 @@ class AwqMethod(Method):
         smap = ScaleMap.between(prev.n_out(layers[0]), layers[0], ctx.head_dim)
 
         rows, tokens = activation_abs_sums(c.x for c in calls[group[0].inspect])
-        x_mean = smap.reduce(_gather(ctx.shard, rows).sum(dim=0) / _total(ctx.shard, tokens))
+        tokens = _total(ctx.shard, tokens)
+        x_mean = smap.reduce(_gather(ctx.shard, rows).sum(dim=0) / tokens)
         w_mean = smap.reduce(weight_mean(originals, fmt.group_size)) if sp["trans_version"] == "v1" else None
-        if gram_loss_applies(ctx.device, group, block):
-            loss_fn = _gram_loss(originals[0], calls[group[0].inspect], smap, fmt, ctx.shard)
+        if gram_loss_applies(ctx.device, group, block, tokens):
+            loss_fn = _gram_loss(originals[0], calls[group[0].inspect], tokens, smap, fmt, ctx.shard)
         else:
             loss_fn = _output_loss(ctx, group, calls, layers, originals, smap, sp["chunk_tokens"])
 
