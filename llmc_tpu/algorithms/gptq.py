@@ -134,24 +134,19 @@ class Hessian:
             return
         factors = token_factors(seqs, self.token_clip) if self.token_clip > 0 else None
         exact_tf32 = seqs.dtype in (torch.bfloat16, torch.float16) and seqs.is_cuda
-        old = torch.backends.cuda.matmul.allow_tf32
-        try:
-            for i, seq in enumerate(seqs):
-                acc = self.acc.slot(x.dim() >= 3)  # an MoE expert's rows, 2-D, are not one sample (OrderedSum.slot)
-                clipped = None
-                if factors is not None:
-                    kept = factors[i] == 1
-                    if not bool(kept.all()):
-                        clipped = seq[~kept].float() * factors[i][~kept, None]
-                        seq = seq[kept]
-                seq = seq.float()
-                torch.backends.cuda.matmul.allow_tf32 = old or exact_tf32
+        for i, seq in enumerate(seqs):
+            acc = self.acc.slot(x.dim() >= 3)  # an MoE expert's rows, 2-D, are not one sample (OrderedSum.slot)
+            clipped = None
+            if factors is not None:
+                kept = factors[i] == 1
+                if not bool(kept.all()):
+                    clipped = seq[~kept].float() * factors[i][~kept, None]
+                    seq = seq[kept]
+            seq = seq.float()
+            with tf32_matmuls(exact_tf32):
                 acc.addmm_(seq.T, seq)
-                if clipped is not None:
-                    torch.backends.cuda.matmul.allow_tf32 = old
-                    acc.addmm_(clipped.T, clipped)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = old
+            if clipped is not None:
+                acc.addmm_(clipped.T, clipped)
         self.n += seqs.shape[0] * seqs.shape[1]
         self._h = None
 

@@ -24,6 +24,7 @@ from llmc_tpu.algorithms.awq import (
     weight_mean,
 )
 from llmc_tpu.algorithms.awq_kernel import sample_squared_errors
+from llmc_tpu.algorithms.gptq import Hessian
 from llmc_tpu.engine.blockwise import BlockInput, move
 from llmc_tpu.engine.distributed import Shard, sample_sum
 from llmc_tpu.engine.tf32 import tf32_matmuls
@@ -287,28 +288,17 @@ def _output_loss(ctx: BlockContext, group: list[Subset], calls: dict[str, list[C
     return loss_fn
 
 
-def input_gram(calls: list[Call], shard: Shard | None) -> torch.Tensor:
-    """``sum_t x_t x_t^T`` (float32 ``[K, K]``) over every calibration token of a Linear's recorded inputs, summed in
-    the samples' fixed order over every process. On CUDA bf16/f16 inputs multiply in TF32: their values are exact
-    there and the products exact in float32."""
-    x0 = calls[0].x
-    k = x0.shape[-1]
-    acc = sample_sum(shard, (k, k), torch.float32, x0.device)
-    with tf32_matmuls(x0.dtype in (torch.bfloat16, torch.float16)):
-        for call in calls:
-            x = call.x
-            for seq in (x.reshape(-1, x.shape[-2], k) if x.dim() >= 3 else x.reshape(1, -1, k)):
-                seq = seq.float()
-                acc.slot(x.dim() >= 3).addmm_(seq.T, seq)
-    return acc.result()
-
-
 def _gram_loss(w: torch.Tensor, calls: list[Call], tokens: int, smap: ScaleMap, fmt: TpuWeightFormat,
                shard: Shard | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``_output_loss`` of one Linear (see ``gram_loss_applies``): ``sum((E @ G) * E)`` over the elements of its
     outputs (``tokens`` of every process), ``E`` the fake-quantized weight under a candidate scale minus the float
-    one (float32, TF32 products)."""
-    gram = input_gram(calls, shard)
+    one (float32, TF32 products). ``G`` is summed as GPTQ sums its Hessians (unscaled, no token clip): in the
+    samples' fixed order over every process, bf16/f16 inputs in TF32 on CUDA (exact there)."""
+    inputs = Hessian(w.shape[1], calls[0].x.device, token_clip=0.0, shard=shard)  # sum x x^T, every token kept
+    for call in calls:
+        inputs.add(call.x)
+    inputs.finish()
+    gram = inputs.sum
     n_elems = tokens * w.shape[0]
     wf = w.float()
 
