@@ -32,6 +32,7 @@ from llmc_tpu.engine.distributed import (
 from llmc_tpu.engine.forward import blockwise_logits, whole_model_logits
 from llmc_tpu.engine.host_memory import peak_rss_bytes, process_age_s, release_file_pages
 from llmc_tpu.engine.microbatch import free_bytes, inputs_device, limit_device_memory, micro_batch_size
+from llmc_tpu.engine.prefetch import Prefetcher
 from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
 from llmc_tpu.export.formats import EXPORTS, export_options, write_exports
 from llmc_tpu.export.gptq_checkpoint import FOLDER as GPTQ_FOLDER
@@ -311,51 +312,54 @@ class Quantizer:
         results: QuantResults = {}
         blocks = blocks_of(model, spec)
         split = _Timer(memory=True)  # where the quantize stage's time goes, summed over the blocks (report: timings_s)
-        for i, block in enumerate(self._bar(blocks, desc=f"{method.name} blocks", unit="block")):
-            prefix = f"{spec.blocks}.{i}"
-            host_weights = None  # the block's changed weights as the checkpoint copied them to host memory
-            if i < self.ckpt.done_blocks:  # finished before an interruption: restore, only recompute its outputs
-                chosen = self.ckpt.restore_block(i, block)  # the codes the method chose
-                on_host = host_tensors(block)
-                block.to(self.device)
-                block_results = quantize_block(block, spec, self.fmt, prefix, chosen)
-            else:
-                with split("transfer"):
+        with Prefetcher(self.device) as prefetch:  # the next block staged in page-locked memory
+            for i, block in enumerate(self._bar(blocks, desc=f"{method.name} blocks", unit="block")):
+                prefix = f"{spec.blocks}.{i}"
+                host_weights = None  # the block's changed weights as the checkpoint copied them to host memory
+                if i < self.ckpt.done_blocks:  # finished before an interruption: restore, only recompute its outputs
+                    chosen = self.ckpt.restore_block(i, block)  # the codes the method chose
                     on_host = host_tensors(block)
                     block.to(self.device)
-                ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs, head_dim=_head_dim(model.config),
-                                   config=model.config, shard=self.shard)
-                with split("method"):
-                    method.process_block(ctx)
-                chosen = ctx.results
-                for part, seconds in ctx.report.pop("time_s", {}).items():  # the method's own split, e.g. solve
-                    split.times[f"method: {part}"] = split.times.get(f"method: {part}", 0.0) + seconds
-                check_finite_weights(block, spec, prefix, method.name)
-                with split("tpu rtn"):
                     block_results = quantize_block(block, spec, self.fmt, prefix, chosen)
-                with split("checkpoint"):
-                    host_weights = self.ckpt.save_block(i, block if method.changes_weights else None, ctx.results,
-                                                        {"block": i, **ctx.report} if ctx.report else {})
-                    if i:  # save_block waited for the previous block's files
-                        self._map_from_checkpoint(i - 1, blocks[i - 1], f"{spec.blocks}.{i - 1}", results)
-            self._count(block_results)
-            results.update(self._kept(block_results, f"{prefix}.", chosen))
-            if inputs is not None and i + 1 < len(blocks):
-                with split("next block inputs"):
-                    if self.cfg.quant.quant_out:
-                        with fake_quantized(block, block_results, prefix):
+                else:
+                    with split("transfer"):
+                        on_host = host_tensors(block)
+                        prefetch.move(block)
+                    if self.ckpt.done_blocks <= i + 1 < len(blocks):  # copied to page-locked memory while this one works
+                        prefetch.stage(blocks[i + 1])
+                    ctx = BlockContext(i, block, spec, self.fmt, self.device, inputs, head_dim=_head_dim(model.config),
+                                       config=model.config, shard=self.shard)
+                    with split("method"):
+                        method.process_block(ctx)
+                    chosen = ctx.results
+                    for part, seconds in ctx.report.pop("time_s", {}).items():  # the method's own split, e.g. solve
+                        split.times[f"method: {part}"] = split.times.get(f"method: {part}", 0.0) + seconds
+                    check_finite_weights(block, spec, prefix, method.name)
+                    with split("tpu rtn"):
+                        block_results = quantize_block(block, spec, self.fmt, prefix, chosen)
+                    with split("checkpoint"):
+                        host_weights = self.ckpt.save_block(i, block if method.changes_weights else None, ctx.results,
+                                                            {"block": i, **ctx.report} if ctx.report else {})
+                        if i:  # save_block waited for the previous block's files
+                            self._map_from_checkpoint(i - 1, blocks[i - 1], f"{spec.blocks}.{i - 1}", results)
+                self._count(block_results)
+                results.update(self._kept(block_results, f"{prefix}.", chosen))
+                if inputs is not None and i + 1 < len(blocks):
+                    with split("next block inputs"):
+                        if self.cfg.quant.quant_out:
+                            with fake_quantized(block, block_results, prefix):
+                                inputs = run_block(block, inputs, self.device)
+                        else:
                             inputs = run_block(block, inputs, self.device)
-                    else:
-                        inputs = run_block(block, inputs, self.device)
-                check_finite_outputs(inputs, prefix)
-            with split("transfer"):
-                if method.changes_weights:
-                    if host_weights is not None:  # onto the checkpoint's host copies: the same values, no second copy
-                        block.load_state_dict(host_weights, assign=True)
-                    block.to("cpu")
-                else:  # the float weights are those it came with: back to their host tensors (file-backed), no copy
-                    put_back(on_host)
-                release_file_pages(t for *_, t in on_host)  # read for the last time in this stage
+                    check_finite_outputs(inputs, prefix)
+                with split("transfer"):
+                    if method.changes_weights:
+                        if host_weights is not None:  # onto the checkpoint's host copies: the same values, no second copy
+                            block.load_state_dict(host_weights, assign=True)
+                        block.to("cpu")
+                    else:  # the float weights are those it came with: back to their host tensors (file-backed), no copy
+                        put_back(on_host)
+                    release_file_pages(t for *_, t in on_host)  # read for the last time in this stage
         with split("checkpoint"):
             self.ckpt.wait()  # the last block's files
             if blocks and self.ckpt.done_blocks == len(blocks):
