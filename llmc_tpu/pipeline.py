@@ -34,10 +34,11 @@ from llmc_tpu.engine.host_memory import peak_rss_bytes, process_age_s, release_f
 from llmc_tpu.engine.microbatch import free_bytes, inputs_device, limit_device_memory, micro_batch_size
 from llmc_tpu.engine.prefetch import Prefetcher
 from llmc_tpu.eval.ppl import PplResult, perplexity, token_consistency, windows
+from llmc_tpu.export.early_shards import EarlyShards
 from llmc_tpu.export.formats import EXPORTS, export_options, write_exports
 from llmc_tpu.export.gptq_checkpoint import FOLDER as GPTQ_FOLDER
 from llmc_tpu.export.gptq_checkpoint import llm_convert_auto_command, save_gptq_checkpoint
-from llmc_tpu.export.hf_folder import save_hf_folder
+from llmc_tpu.export.hf_folder import plan_early_shards, save_hf_folder
 from llmc_tpu.export.onnx import check_exportable, save_onnx
 from llmc_tpu.export.output_dir import OutputDir
 from llmc_tpu.fake_quant import QuantResults, RtnWhereNotChosen, apply_fake_quant, fake_quantized, quantize_block
@@ -176,6 +177,7 @@ class Quantizer:
         self.shard: Shard | None = None  # set with the calibration inputs
         self.memory_cap: int | None = None  # run.device_memory_gib in bytes, once the device is known
         self.quant_counts: dict = {"names": [], "float_rows": 0, "partly": [], "folded": []}
+        self.early: EarlyShards | None = None  # transformed_model's shards, written as their blocks finish
 
     def _bar(self, iterable, **kwargs):
         return tqdm(iterable, disable=not self.progress, leave=False, **kwargs)
@@ -203,13 +205,19 @@ class Quantizer:
             eval_windows = self._eval_windows(loaded)
             preds: dict[str, dict[str, PplResult]] = {}
             self._evaluate("pretrain", loaded, eval_windows, preds)
+            if cfg.save.save_trans:
+                with self.timer("save"):
+                    shutil.rmtree(out.path("transformed_model"), ignore_errors=True)  # an interrupted run's shards
+                    self.early = plan_early_shards(loaded.model, loaded.spec.blocks, out.path("transformed_model"),
+                                                   self.fmt.handoff_dtype)
             with self.timer("quantize"):
                 results = self.quantize(loaded)
             self._evaluate("transformed", loaded, eval_windows, preds)
             if cfg.save.save_trans:
                 with self.timer("save"):
                     save_hf_folder(loaded.model, loaded.tokenizer, loaded.path, out.path("transformed_model"),
-                                   dtype=self.fmt.handoff_dtype, source_config=bool(loaded.spec.vision))
+                                   dtype=self.fmt.handoff_dtype, source_config=bool(loaded.spec.vision), early=self.early)
+                    self.early = None
                 self.report.outputs["transformed_model"] = str(out.final / "transformed_model")
             if cfg.save.save_onnx:  # the same float weights, as per-piece ONNX graphs + compile.sh
                 with self.timer("save onnx"):
@@ -292,6 +300,12 @@ class Quantizer:
             self.ckpt.wait()
         except Exception as exc:  # the run's own error is the one to report
             log.warning("the last block's checkpoint was not written: %s", exc)
+        if self.early is not None:  # shards being written: let them land (a resumed run writes them again)
+            try:
+                self.early.close()
+            except Exception as exc:
+                log.debug("an early shard was not written: %s", exc)
+            self.early = None
 
     def _run_helper(self) -> RunReport:
         """Another process of a torchrun launch: its share of the calibration samples through every block (the
@@ -342,6 +356,7 @@ class Quantizer:
                                                             {"block": i, **ctx.report} if ctx.report else {})
                         if i:  # save_block waited for the previous block's files
                             self._map_from_checkpoint(i - 1, blocks[i - 1], f"{spec.blocks}.{i - 1}", results)
+                            self._block_final(i - 1, model)
                 self._count(block_results)
                 results.update(self._kept(block_results, f"{prefix}.", chosen))
                 if inputs is not None and i + 1 < len(blocks):
@@ -364,6 +379,7 @@ class Quantizer:
             self.ckpt.wait()  # the last block's files
             if blocks and self.ckpt.done_blocks == len(blocks):
                 self._map_from_checkpoint(len(blocks) - 1, blocks[-1], f"{spec.blocks}.{len(blocks) - 1}", results)
+                self._block_final(len(blocks) - 1, model)
         for name, seconds in split.times.items():
             self.timer.times[f"quantize: {name}"] = seconds
         if self.timer.memory is not None:
@@ -429,6 +445,12 @@ class Quantizer:
             if f"{prefix}.{name}" not in results:
                 raise PipelineError(f"{prefix}.{name}: in the block's checkpoint but not among its results")
             results[f"{prefix}.{name}"] = result
+
+    def _block_final(self, index: int, model: torch.nn.Module) -> None:
+        """A block's weights are final and read from its checkpoint: the transformed model's shards that are now
+        complete are written in the background."""
+        if self.early is not None:
+            self.early.block_done(index, model)
 
     def _calibration_inputs(self, loaded: LoadedModel) -> list[BlockInput]:
         from llmc_tpu.data.calib import calibration_batches

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -15,7 +16,10 @@ import torch
 from torch import nn
 
 from llmc_tpu.export import safetensors_stream
+from llmc_tpu.export.early_shards import EarlyShards
 from llmc_tpu.models.experts import fused_state_dict
+
+log = logging.getLogger("llmc_tpu")
 
 # Files of the source folder that are not weights or the model config: tokenizer,
 # processor, chat template, generation config. Copied so the folder is complete.
@@ -60,42 +64,72 @@ def _cores() -> int:
 
 
 @contextmanager
-def streamed_shards() -> Iterator[None]:
+def streamed_shards(early: EarlyShards | None = None) -> Iterator[set[str]]:
     """transformers' ``save_pretrained`` (its sharding, tied weights, renaming) writing each shard with
     ``safetensors_stream.save_file``: the same bytes, without making the whole model resident at once, the shards
-    side by side (one thread each, up to the cores). Leaving the block waits for every shard and raises the first
-    error. Where transformers no longer writes through ``modeling_utils.safe_save_file``, its own writer is kept."""
+    side by side (one thread each, up to the cores). A shard ``early`` wrote with the very tensors handed over is
+    not written again. Yields the set the shards' file names are added to; leaving the block waits for every
+    shard and raises the first error. Where transformers no longer writes through ``modeling_utils.safe_save_file``,
+    its own writer is kept."""
     from transformers import modeling_utils
 
+    names: set[str] = set()
     if not hasattr(modeling_utils, "safe_save_file"):
-        yield
+        yield names
         return
     writes: list[Future] = []
     with ThreadPoolExecutor(max(1, min(_cores(), _MAX_WRITERS)), thread_name_prefix="llmc_tpu-shard") as pool:
 
         def write_later(tensors, filename, metadata=None):
+            names.add(Path(filename).name)
+            if early is not None and early.written_as(Path(filename).name, tensors, metadata):
+                log.debug("%s: written as its blocks finished", filename)
+                return
             writes.append(pool.submit(safetensors_stream.save_file, tensors, filename, metadata))
 
         with mock.patch.object(modeling_utils, "safe_save_file", write_later):
-            yield
+            yield names
     for write in writes:  # the pool has finished them all
         write.result()
 
 
+def handoff_state(model: nn.Module, dtype: torch.dtype, weights: dict[str, torch.Tensor] | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """What ``save_hf_folder`` hands to ``save_pretrained``: the weights in transformers' layout (MoE experts fused),
+    on the host, floating ones in ``dtype`` (the model's own tensors where they are that already)."""
+    state = fused_state_dict(model, weights if weights is not None else model.state_dict())
+    return {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
+
+
+def plan_early_shards(model: nn.Module, blocks_prefix: str, dest: Path, dtype: torch.dtype = torch.bfloat16
+                      ) -> EarlyShards | None:
+    """The shards ``save_hf_folder(model, ..., dest, dtype)`` will write, to be written as the blocks finish (see
+    ``early_shards``); None where they cannot be."""
+    return EarlyShards.plan(model, handoff_state(model, dtype), blocks_prefix, dest, SHARD_SIZE,
+                            min(_cores(), _MAX_WRITERS))
+
+
 def save_hf_folder(model: nn.Module, tokenizer, source: Path, dest: Path, dtype: torch.dtype = torch.bfloat16,
-                   weights: dict[str, torch.Tensor] | None = None, source_config: bool = False) -> Path:
+                   weights: dict[str, torch.Tensor] | None = None, source_config: bool = False,
+                   early: EarlyShards | None = None) -> Path:
     """Write ``model`` (or ``weights`` in its place) in ``dtype`` with the config and side files of ``source``.
 
     ``source_config``: keep the source's config.json (dtype updated) instead of transformers' re-serialization:
     VLM configs change layout in transformers 5 (``text_config``, ``rope_parameters``) and TPU-MLIR reads the
-    published one (top-level ``rope_scaling``, ``hidden_size``).
+    published one (top-level ``rope_scaling``, ``hidden_size``). ``early``: the shards already written into ``dest``
+    as the blocks finished (``plan_early_shards``); those handed the same tensors again are kept as they are.
     """
-    dest.mkdir(parents=True, exist_ok=False)
+    if early is not None:
+        early.close()  # every early write landed (or its error raised)
+    else:
+        dest.mkdir(parents=True, exist_ok=False)
     copy_side_files(source, dest)
-    state = fused_state_dict(model, weights if weights is not None else model.state_dict())  # MoE: transformers' layout
-    state = {k: v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu() for k, v in state.items()}
-    with streamed_shards():
+    state = handoff_state(model, dtype, weights)
+    with streamed_shards(early) as names:
         model.save_pretrained(dest, state_dict=state, safe_serialization=True, max_shard_size=SHARD_SIZE)
+    if early is not None:
+        for path in early.stale(names):
+            path.unlink(missing_ok=True)
     if source_config:
         shutil.copy2(Path(source) / "config.json", dest / "config.json")
     _set_config_dtype(dest / "config.json", dtype)

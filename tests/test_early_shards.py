@@ -1,0 +1,143 @@
+"""The transformed model's shards written as their blocks finish: the final folder is byte for byte the one the
+save at the end writes, shards written early are not written again, and anything that changed is."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import make_tiny_model
+
+from llmc_tpu.export import hf_folder, safetensors_stream
+from llmc_tpu.export.hf_folder import plan_early_shards, save_hf_folder
+from llmc_tpu.models.loading import load_model
+
+
+def folder_bytes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture
+def small_shards(monkeypatch):
+    monkeypatch.setattr(hf_folder, "SHARD_SIZE", "150KB")  # a few shards of a tiny model, blocks spread over them
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """The file names the streaming writer writes, in order."""
+    seen = []
+    real = safetensors_stream.save_file
+
+    def spy(entries, filename, metadata=None):
+        seen.append(Path(filename).name)
+        return real(entries, filename, metadata)
+
+    monkeypatch.setattr(safetensors_stream, "save_file", spy)
+    return seen
+
+
+def test_shards_are_written_as_blocks_finish_and_not_again(tmp_path, small_shards, writes):
+    loaded = load_model(str(make_tiny_model(tmp_path / "m", "llama", layers=4)))
+    model, spec = loaded.model, loaded.spec
+    save_hf_folder(model, loaded.tokenizer, loaded.path, tmp_path / "reference")
+    reference = folder_bytes(tmp_path / "reference")
+    shard_files = [n for n in reference if n.endswith(".safetensors")]
+    assert len(shard_files) >= 3
+    writes.clear()
+
+    early = plan_early_shards(model, spec.blocks, tmp_path / "early")
+    assert early is not None and {s.filename for s in early.shards} == set(shard_files)
+    before_blocks = list(writes)  # shards without block weights (the embeddings'), if any
+    for i in range(4):
+        early.block_done(i, model)
+        early.wait()
+        for shard in early.shards:  # a shard is written exactly when its last block is done
+            assert (shard.written is not None) == (shard.blocks <= set(range(i + 1))), (i, shard.filename)
+    early_writes = list(writes)
+    assert sorted(early_writes) == sorted(shard_files) and set(before_blocks) <= set(early_writes)
+
+    save_hf_folder(model, loaded.tokenizer, loaded.path, tmp_path / "early", early=early)
+    assert writes == early_writes  # the final save wrote no shard again
+    assert folder_bytes(tmp_path / "early") == reference
+
+
+def test_a_tensor_changed_after_its_shard_was_written_is_written_again(tmp_path, small_shards, writes):
+    loaded = load_model(str(make_tiny_model(tmp_path / "m", "llama", layers=4)))
+    model, spec = loaded.model, loaded.spec
+    early = plan_early_shards(model, spec.blocks, tmp_path / "early")
+    for i in range(4):
+        early.block_done(i, model)
+    early.wait()
+    changed = model.model.layers[2].mlp.up_proj
+    changed.weight.data = changed.weight.data * 2  # a new tensor, as a method's change would be
+    holder = next(s.filename for s in early.shards if "model.layers.2.mlp.up_proj.weight" in s.keys)
+    writes.clear()
+    save_hf_folder(model, loaded.tokenizer, loaded.path, tmp_path / "early", early=early)
+    assert writes == [holder]
+    save_hf_folder(model, loaded.tokenizer, loaded.path, tmp_path / "reference")
+    assert folder_bytes(tmp_path / "early") == folder_bytes(tmp_path / "reference")
+
+
+def test_a_written_file_the_final_save_does_not_keep_is_removed(tmp_path, small_shards):
+    loaded = load_model(str(make_tiny_model(tmp_path / "m", "llama", layers=4)))
+    model, spec = loaded.model, loaded.spec
+    early = plan_early_shards(model, spec.blocks, tmp_path / "early")
+    early.shards[0].filename = "left-over.safetensors"  # as if the final save had sharded otherwise
+    for i in range(4):
+        early.block_done(i, model)
+    save_hf_folder(model, loaded.tokenizer, loaded.path, tmp_path / "early", early=early)
+    save_hf_folder(model, loaded.tokenizer, loaded.path, tmp_path / "reference")
+    assert not (tmp_path / "early" / "left-over.safetensors").exists()
+    assert folder_bytes(tmp_path / "early") == folder_bytes(tmp_path / "reference")
+
+
+def test_not_planned_where_the_saved_tensors_are_converted(tmp_path):
+    loaded = load_model(str(make_tiny_model(tmp_path / "m", "llama", dtype=torch.float32)), torch_dtype="float32")
+    assert plan_early_shards(loaded.model, loaded.spec.blocks, tmp_path / "early", torch.bfloat16) is None
+    assert not (tmp_path / "early").exists()
+
+
+def test_tied_embeddings_are_planned(tmp_path):
+    loaded = load_model(str(make_tiny_model(tmp_path / "m", "llama", tie=True)))
+    early = plan_early_shards(loaded.model, loaded.spec.blocks, tmp_path / "early")
+    assert early is not None
+    names = {n for s in early.shards for n in s.keys}
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    early.close()
+
+
+@pytest.mark.parametrize("method", ["Awq", "RTN"])  # weights changed by the method, and left as they came
+def test_a_run_writes_the_same_folder_with_and_without_early_shards(method, tmp_path, eval_txt, small_shards,
+                                                                    writes, monkeypatch):
+    import llmc_tpu.pipeline as pipeline
+    from llmc_tpu.config import parse_config
+
+    model_dir = make_tiny_model(tmp_path / "m", "llama", layers=4)
+
+    def run(out: Path) -> dict[str, str]:
+        cfg = parse_config({"model": {"path": str(model_dir)},
+                            "calib": {"name": "custom_txt", "path": str(eval_txt), "n_samples": 8, "seq_len": 32},
+                            "eval": {"eval_pos": []}, "quant": {"method": method},
+                            "save": {"save_path": str(out), "save_trans": True}})
+        pipeline.Quantizer(cfg, progress=False).run()
+        return folder_bytes(out / "transformed_model")
+
+    saves = []
+    real_save = pipeline.save_hf_folder
+
+    def save_spy(*args, **kwargs):
+        saves.append(list(writes))  # what was written before the save stage
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "save_hf_folder", save_spy)
+    with_early = run(tmp_path / "early")
+    shards = [n for n in with_early if n.endswith(".safetensors")]
+    # each shard written once, most before the save stage began (those with the last block's weights may be
+    # under way then)
+    assert len(shards) >= 3 and sorted(writes) == sorted(shards) and len(saves[0]) >= len(shards) // 2
+    monkeypatch.setattr(pipeline, "plan_early_shards", lambda *a, **k: None)
+    writes.clear()
+    assert run(tmp_path / "plain") == with_early
+    assert sorted(writes) == sorted(shards)
