@@ -141,3 +141,33 @@ def test_a_run_writes_the_same_folder_with_and_without_early_shards(method, tmp_
     writes.clear()
     assert run(tmp_path / "plain") == with_early
     assert sorted(writes) == sorted(shards)
+
+
+def test_a_run_interrupted_after_early_shards_resumes_to_the_same_folder(tmp_path, eval_txt, small_shards, monkeypatch):
+    import llmc_tpu.pipeline as pipeline
+    from llmc_tpu.config import parse_config
+
+    model_dir = make_tiny_model(tmp_path / "m", "llama", layers=4)
+
+    def cfg(out: Path):
+        return parse_config({"model": {"path": str(model_dir)},
+                             "calib": {"name": "custom_txt", "path": str(eval_txt), "n_samples": 8, "seq_len": 32},
+                             "eval": {"eval_pos": []}, "quant": {"method": "Awq"},
+                             "save": {"save_path": str(out), "save_trans": True}})
+
+    pipeline.Quantizer(cfg(tmp_path / "plain"), progress=False).run()
+    real = pipeline.Quantizer._block_final
+
+    def interrupted(self, index, model):
+        real(self, index, model)
+        if index == 2:
+            raise KeyboardInterrupt  # as Ctrl-C: the checkpoints (and the shards written so far) stay
+
+    monkeypatch.setattr(pipeline.Quantizer, "_block_final", interrupted)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.Quantizer(cfg(out), progress=False).run()
+    assert any((tmp_path / ".resumed.partial" / "transformed_model").glob("*.safetensors"))
+    monkeypatch.setattr(pipeline.Quantizer, "_block_final", real)
+    pipeline.Quantizer(cfg(out), progress=False, resume=True).run()
+    assert folder_bytes(out / "transformed_model") == folder_bytes(tmp_path / "plain" / "transformed_model")
