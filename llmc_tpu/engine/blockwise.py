@@ -52,14 +52,20 @@ def put_back(saved: list[tuple[nn.Module, str, bool, torch.Tensor]]) -> None:
     after a block's device work, the model's own host tensors (mapped from the safetensors files) instead of
     the fresh host copies ``block.to("cpu")`` would allocate, a whole model's worth over a run."""
     for m, name, is_param, t in saved:
-        if is_param:
-            param = m._parameters[name]
-            if torch._has_compatible_shallow_copy_type(param, t):  # as Module._apply decides
-                param.data = t
-            else:
-                m._parameters[name] = nn.Parameter(t, requires_grad=param.requires_grad)
+        point_at(m, name, is_param, t)
+
+
+def point_at(module: nn.Module, name: str, is_param: bool, t: torch.Tensor) -> None:
+    """Make a module's parameter (the same Parameter object where the tensor type allows, as ``Module._apply``
+    decides) or buffer hold ``t``."""
+    if is_param:
+        param = module._parameters[name]
+        if torch._has_compatible_shallow_copy_type(param, t):
+            param.data = t
         else:
-            m._buffers[name] = t
+            module._parameters[name] = nn.Parameter(t, requires_grad=param.requires_grad)
+    else:
+        module._buffers[name] = t
 
 
 def blocks_of(model: nn.Module, spec: ModelSpec) -> nn.ModuleList:

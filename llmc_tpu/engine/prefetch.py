@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from llmc_tpu.engine.blockwise import host_tensors
+from llmc_tpu.engine.blockwise import host_tensors, point_at
 from llmc_tpu.engine.transfer import host_buffer
 
 
@@ -68,15 +68,7 @@ class Prefetcher:
             # so a new tensor cannot have its address)
             same = source is not None and _same_view(source, t)
             src = copies[(id(module), name)] if same else t
-            moved = src.to(self.device, non_blocking=src.is_pinned())
-            if is_param:
-                param = module._parameters[name]
-                if torch._has_compatible_shallow_copy_type(param, moved):  # as Module._apply decides
-                    param.data = moved
-                else:
-                    module._parameters[name] = nn.Parameter(moved, requires_grad=param.requires_grad)
-            else:
-                module._buffers[name] = moved
+            point_at(module, name, is_param, src.to(self.device, non_blocking=src.is_pinned()))
 
     def close(self) -> None:
         self.discard()
