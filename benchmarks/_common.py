@@ -30,7 +30,9 @@ def package_versions(names: tuple[str, ...]) -> dict[str, str | None]:
 
 
 def git_commit(root: Path, mark_modified: str | None = None) -> str | None:
-    """The checkout's short commit; with ``mark_modified`` a path, noted when that path has uncommitted edits."""
+    """The checkout's short commit; with ``mark_modified`` a path, noted when that path has uncommitted edits, with
+    the git tree id of its working copy: ``git rev-parse COMMIT:PATH`` gives the same id for the commit the copy
+    is (a copied checkout whose .git is older than its files still names its code)."""
     import subprocess
 
     try:
@@ -38,10 +40,32 @@ def git_commit(root: Path, mark_modified: str | None = None) -> str | None:
                                 text=True, check=True).stdout.strip()
         if mark_modified and subprocess.run(["git", "-C", str(root), "status", "--porcelain", mark_modified],
                                             capture_output=True, text=True).stdout.strip():
-            commit += f" ({mark_modified}/ modified)"
+            tree = worktree_tree(root, mark_modified)
+            commit += f" ({mark_modified}/ modified" + (f"; its tree {tree[:10]})" if tree else ")")
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit
+
+
+def worktree_tree(root: Path, path: str) -> str | None:
+    """The git tree id of ``path`` as it is on disk (ignored files left out), through a scratch index."""
+    import os
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "GIT_INDEX_FILE": os.path.join(scratch, "index")}
+
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                                  env=env).stdout.strip()
+
+        try:
+            git("read-tree", "HEAD")
+            git("add", "-A", "--", path)
+            return git("write-tree", f"--prefix={path}/")
+        except (OSError, subprocess.CalledProcessError):
+            return None
 
 
 def require_cuda():
