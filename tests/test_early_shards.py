@@ -171,3 +171,23 @@ def test_a_run_interrupted_after_early_shards_resumes_to_the_same_folder(tmp_pat
     monkeypatch.setattr(pipeline.Quantizer, "_block_final", real)
     pipeline.Quantizer(cfg(out), progress=False, resume=True).run()
     assert folder_bytes(out / "transformed_model") == folder_bytes(tmp_path / "plain" / "transformed_model")
+
+
+def test_a_vlm_folder_is_the_same_with_early_shards(tmp_path, small_shards, writes):
+    """A VLM's language blocks are one part of its weights (and transformers may save its keys under other names)."""
+    from tiny_vlm import make_tiny_qwen2_vl
+
+    from llmc_tpu.engine.blockwise import blocks_of
+
+    loaded = load_model(str(make_tiny_qwen2_vl(tmp_path / "m")))
+    model, spec = loaded.model, loaded.spec
+    early = plan_early_shards(model, spec.blocks, tmp_path / "early")
+    assert early is not None and len(early.shards) >= 3
+    for i in range(len(blocks_of(model, spec))):
+        early.block_done(i, model)
+    early.wait()
+    early_writes = sorted(writes)
+    save_hf_folder(model, loaded.tokenizer, loaded.path, tmp_path / "early", source_config=True, early=early)
+    assert sorted(writes) == early_writes == sorted(s.filename for s in early.shards)  # none written again
+    save_hf_folder(model, loaded.tokenizer, loaded.path, tmp_path / "plain", source_config=True)
+    assert folder_bytes(tmp_path / "early") == folder_bytes(tmp_path / "plain")
