@@ -68,6 +68,14 @@ def point_at(module: nn.Module, name: str, is_param: bool, t: torch.Tensor) -> N
         module._buffers[name] = t
 
 
+View = tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]
+
+
+def view_of(t: torch.Tensor) -> View:
+    """What identifies a tensor's bytes while its storage lives: address, dtype, shape, strides."""
+    return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+
+
 def blocks_of(model: nn.Module, spec: ModelSpec) -> nn.ModuleList:
     return model.get_submodule(spec.blocks)
 

@@ -15,16 +15,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import nn
 
-from llmc_tpu.engine.blockwise import host_tensors, point_at
+from llmc_tpu.engine.blockwise import host_tensors, point_at, view_of
 from llmc_tpu.engine.transfer import host_buffer
 
 
 def _staged_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     return [host_buffer(t.shape, t.dtype).copy_(t) for t in tensors]
-
-
-def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
 
 
 class Prefetcher:
@@ -66,7 +62,7 @@ class Prefetcher:
             source = sources.get((id(module), name))
             # a tensor replaced since it was staged moves from where it is now (the staged source is still alive,
             # so a new tensor cannot have its address)
-            same = source is not None and _same_view(source, t)
+            same = source is not None and view_of(source) == view_of(t)
             src = copies[(id(module), name)] if same else t
             point_at(module, name, is_param, src.to(self.device, non_blocking=src.is_pinned()))
 

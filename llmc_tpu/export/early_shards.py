@@ -27,17 +27,10 @@ from unittest import mock
 import torch
 from torch import nn
 
+from llmc_tpu.engine.blockwise import View, view_of
 from llmc_tpu.export import safetensors_stream
 
 log = logging.getLogger("llmc_tpu")
-
-View = tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]
-
-
-def view_of(t: torch.Tensor) -> View:
-    """What identifies a tensor's bytes while its storage lives: address, dtype, shape, strides."""
-    return (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-
 
 @dataclass
 class Shard:
