@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
@@ -41,26 +43,37 @@ class Shard:
     written: dict[str, View] | None = None  # saved name -> the view written (once written)
 
 
-def record_shards(model: nn.Module, state: dict[str, torch.Tensor], max_shard_size: str
-                  ) -> list[tuple[str, dict[str, torch.Tensor], dict[str, str] | None]] | None:
-    """``save_pretrained``'s shards of ``state`` (file name, tensors by saved name, metadata), nothing written; None
-    where transformers no longer writes its shards through ``modeling_utils.safe_save_file``."""
+@contextmanager
+def shard_writes_through(write: Callable[..., None]) -> Iterator[bool]:
+    """Inside the block, transformers' ``save_pretrained`` hands each shard (tensors by saved name, file name,
+    metadata) to ``write`` instead of writing it; yields False, patching nothing, where transformers no longer writes
+    its shards through ``modeling_utils.safe_save_file``."""
     from transformers import modeling_utils
 
     if not hasattr(modeling_utils, "safe_save_file"):
-        return None
+        yield False
+        return
+    with mock.patch.object(modeling_utils, "safe_save_file", write):
+        yield True
+
+
+def record_shards(model: nn.Module, state: dict[str, torch.Tensor], max_shard_size: str
+                  ) -> list[tuple[str, dict[str, torch.Tensor], dict[str, str] | None]] | None:
+    """``save_pretrained``'s shards of ``state`` (file name, tensors by saved name, metadata), nothing written; None
+    where its shards cannot be intercepted (``shard_writes_through``)."""
+    from transformers.utils import logging as hf_logging
+
     shards = []
 
     def record(tensors, filename, metadata=None):
         shards.append((Path(filename).name, dict(tensors), dict(metadata) if metadata else None))
 
-    from transformers.utils import logging as hf_logging
-
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # nothing is written: no "Writing model shards" bar
     try:
-        with tempfile.TemporaryDirectory(prefix="llmc_tpu-plan-") as scratch, \
-                mock.patch.object(modeling_utils, "safe_save_file", record):
+        with tempfile.TemporaryDirectory(prefix="llmc_tpu-plan-") as scratch, shard_writes_through(record) as hooked:
+            if not hooked:
+                return None
             model.save_pretrained(scratch, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
     finally:
         if bars:

@@ -10,13 +10,12 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 import torch
 from torch import nn
 
 from llmc_tpu.export import safetensors_stream
-from llmc_tpu.export.early_shards import EarlyShards
+from llmc_tpu.export.early_shards import EarlyShards, shard_writes_through
 from llmc_tpu.models.experts import fused_state_dict
 
 log = logging.getLogger("llmc_tpu")
@@ -69,14 +68,9 @@ def streamed_shards(early: EarlyShards | None = None) -> Iterator[set[str]]:
     ``safetensors_stream.save_file``: the same bytes, without making the whole model resident at once, the shards
     side by side (one thread each, up to the cores). A shard ``early`` wrote with the very tensors handed over is
     not written again. Yields the set the shards' file names are added to; leaving the block waits for every
-    shard and raises the first error. Where transformers no longer writes through ``modeling_utils.safe_save_file``,
-    its own writer is kept."""
-    from transformers import modeling_utils
-
+    shard and raises the first error. Where its shards cannot be intercepted (``early_shards.shard_writes_through``),
+    transformers' own writer is kept."""
     names: set[str] = set()
-    if not hasattr(modeling_utils, "safe_save_file"):
-        yield names
-        return
     writes: list[Future] = []
     with ThreadPoolExecutor(max(1, min(_cores(), _MAX_WRITERS)), thread_name_prefix="llmc_tpu-shard") as pool:
 
@@ -87,7 +81,7 @@ def streamed_shards(early: EarlyShards | None = None) -> Iterator[set[str]]:
                 return
             writes.append(pool.submit(safetensors_stream.save_file, tensors, filename, metadata))
 
-        with mock.patch.object(modeling_utils, "safe_save_file", write_later):
+        with shard_writes_through(write_later):
             yield names
     for write in writes:  # the pool has finished them all
         write.result()
