@@ -93,8 +93,16 @@ def test_a_written_file_the_final_save_does_not_keep_is_removed(tmp_path, small_
     assert folder_bytes(tmp_path / "early") == folder_bytes(tmp_path / "reference")
 
 
-def test_not_planned_where_the_saved_tensors_are_converted(tmp_path):
-    loaded = load_model(str(make_tiny_model(tmp_path / "m", "llama", dtype=torch.float32)), torch_dtype="float32")
+@pytest.mark.parametrize("family, dtype", [("llama", torch.float32), ("qwen3_moe", torch.bfloat16)])
+def test_not_planned_where_the_saved_tensors_are_new_ones(tmp_path, family, dtype, monkeypatch):
+    """A float32 model saved as bf16 (converted), an MoE model (experts fused): turned down before the handed-over
+    tensors are made (a copy of the model's size)."""
+    loaded = load_model(str(make_tiny_model(tmp_path / "m", family, dtype=dtype)), torch_dtype=str(dtype)[6:])
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the handed-over tensors were made")
+
+    monkeypatch.setattr(hf_folder, "handoff_state", no_copy)
     assert plan_early_shards(loaded.model, loaded.spec.blocks, tmp_path / "early", torch.bfloat16) is None
     assert not (tmp_path / "early").exists()
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from llmc_tpu.export import safetensors_stream
 from llmc_tpu.export.early_shards import EarlyShards, shard_writes_through
-from llmc_tpu.models.experts import fused_state_dict
+from llmc_tpu.models.experts import UnfusedExperts, fused_state_dict
 
 log = logging.getLogger("llmc_tpu")
 
@@ -98,7 +98,12 @@ def handoff_state(model: nn.Module, dtype: torch.dtype, weights: dict[str, torch
 def plan_early_shards(model: nn.Module, blocks_prefix: str, dest: Path, dtype: torch.dtype = torch.bfloat16
                       ) -> EarlyShards | None:
     """The shards ``save_hf_folder(model, ..., dest, dtype)`` will write, to be written as the blocks finish (see
-    ``early_shards``); None where they cannot be."""
+    ``early_shards``); None where they cannot be. A model whose handed-over tensors would be new ones (MoE experts
+    fused, floating weights converted to ``dtype``) is turned down before ``handoff_state`` makes them: that would
+    be a copy of the model's size, only to be turned down."""
+    if any(isinstance(m, UnfusedExperts) for m in model.modules()) or any(
+            v.device.type != "cpu" or (v.is_floating_point() and v.dtype != dtype) for v in model.state_dict().values()):
+        return None
     return EarlyShards.plan(model, handoff_state(model, dtype), blocks_prefix, dest, SHARD_SIZE,
                             min(_cores(), _MAX_WRITERS))
 
