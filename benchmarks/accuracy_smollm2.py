@@ -63,8 +63,13 @@ ROWS: dict[str, dict[str, Any]] = {  # row -> quant section
     "RTN": {"method": "RTN"},
     "AWQ": {"method": "Awq", "special": AWQ},
     "GPTQ natural order": {"method": "GPTQ", "special": {"actorder": False, "static_groups": False}},
-    "GPTQ": {"method": "GPTQ"},  # the default: act-order, static groups, token_clip 10
+    "GPTQ": {"method": "GPTQ"},  # the default: act-order, static groups, token_clip 10, sink_weight 16
+    "Awq+GPTQ natural order": {"method": ["Awq", "GPTQ"], "special": {**AWQ, "actorder": False, "static_groups": False}},
     "Awq+GPTQ": {"method": ["Awq", "GPTQ"], "special": AWQ},
+    # the attention sink counted as one token (before sink_weight): what it changes
+    "GPTQ natural order, sink_weight 1": {"method": "GPTQ", "special": {"actorder": False, "static_groups": False,
+                                                                         "sink_weight": 1}},
+    "GPTQ, sink_weight 1": {"method": "GPTQ", "special": {"sink_weight": 1}},
     "SignRound": {"method": "SignRound"},
     "Awq+SignRound": {"method": ["Awq", "SignRound"], "special": AWQ},
 }
@@ -162,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="Example: python benchmarks/accuracy_smollm2.py --model models/SmolLM2-135M-Instruct")
     ap.add_argument("--model", type=Path, default=REPO / "models" / "SmolLM2-135M-Instruct")
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="our methods to run")
+    ap.add_argument("--sink-weights", type=float, nargs="+", default=[],
+                    help="also run GPTQ (natural order and act-order) with each of these sink_weight values")
     ap.add_argument("--only", choices=["ours", "reference"], help="run only our rows or only llm-compressor's")
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--calib-seq-len", type=int, default=512)
@@ -180,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         calib, eval_paths = build_texts(Path(tmp))
+        for weight in args.sink_weights:
+            ROWS[f"GPTQ natural order, sink_weight {weight:g}"] = {"method": "GPTQ", "special": {
+                "actorder": False, "static_groups": False, "sink_weight": weight}}
+            ROWS[f"GPTQ, sink_weight {weight:g}"] = {"method": "GPTQ", "special": {"sink_weight": weight}}
+            args.rows += [f"GPTQ natural order, sink_weight {weight:g}", f"GPTQ, sink_weight {weight:g}"]
         names = [r for r in args.rows if args.only != "reference"]
         if "RTN" not in names:
             names.insert(0, "RTN")  # the float and RTN perplexities every row is measured against

@@ -86,12 +86,18 @@ class Hessian:
     in ``H``, even in the last bit, into different codes). With a ``shard`` (the pipeline's), sequences are
     summed in the fixed order of ``engine.distributed`` and ``finish()`` adds the other processes' sums; without,
     in the order they come. ``token_clip``: see ``clip_outlier_tokens`` (0 keeps every token as it is).
+
+    ``sink_weight``: the first token of every sequence counts as that many tokens. It is where the attention
+    sink sits: nearly every query attends to it, so an error in its keys and values reaches every token, yet it
+    is one token in ``seq`` of the plain sum. Its input direction is rare, and GPTQ, minimizing the average,
+    gave it 10x RTN's error in SmolLM2's q/k/v (docs/gptq.md). 1 counts it as one token.
     """
 
     def __init__(self, k: int, device: torch.device | str = "cpu", token_clip: float = 0.0,
-                 shard: Shard | None = None) -> None:
+                 shard: Shard | None = None, sink_weight: float = 1.0) -> None:
         self.device = torch.device(device)
         self.token_clip = token_clip
+        self.sink_weight = sink_weight
         self.shard = shard
         self.acc = sample_sum(shard, (k, k), torch.float32, device)
         self.sum: torch.Tensor | None = None  # the total over every sample, once finish() has run
@@ -124,29 +130,35 @@ class Hessian:
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``[..., K]`` (``[batch, seq, K]``: per sequence, for the token clip and the order).
 
-        Each sequence adds ``x^T x`` of its tokens as they are, plus that of its clipped tokens scaled down. On
-        CUDA the first product may use TF32 tensor cores when the inputs are bf16/f16: their values are exact in
-        TF32 and the products exact in fp32, so only the order of the fp32 sums differs from plain fp32 (several
-        times faster for a 7B model's down_proj). The few clipped tokens are no longer bf16 values: plain fp32.
+        Each sequence adds ``x^T x`` of its tokens, the sink's row scaled by ``sqrt(sink_weight)``, plus that of
+        its clipped tokens scaled down. On CUDA the first product may use TF32 tensor cores when the inputs are
+        bf16/f16: their values are exact in TF32 and the products exact in fp32, so only the order of the fp32
+        sums differs from plain fp32 (several times faster for a 7B model's down_proj). The sink's row stays exact
+        for a power-of-4 weight (a power-of-2 scale); the few clipped tokens are no longer bf16 values: plain fp32.
         """
         seqs = sequences(x.to(self.device))
         if seqs.numel() == 0:
             return
-        factors = token_factors(seqs, self.token_clip) if self.token_clip > 0 else None
+        clip = token_factors(seqs, self.token_clip) if self.token_clip > 0 else None
+        main = clip == 1 if clip is not None else None  # tokens the first product takes as they are
+        sink = self.sink_weight ** 0.5 if self.sink_weight != 1 and x.dim() >= 3 else None  # 2-D rows: no sequence
         exact_tf32 = seqs.dtype in (torch.bfloat16, torch.float16) and seqs.is_cuda
         for i, seq in enumerate(seqs):
             acc = self.acc.slot(x.dim() >= 3)  # an MoE expert's rows, 2-D, are not one sample (OrderedSum.slot)
-            clipped = None
-            if factors is not None:
-                kept = factors[i] == 1
-                if not bool(kept.all()):
-                    clipped = seq[~kept].float() * factors[i][~kept, None]
-                    seq = seq[kept]
+            scaled = None
+            if main is not None and not bool(main[i].all()):
+                factors = clip[i][~main[i]]
+                if sink is not None and not main[i, 0]:  # a clipped sink: its weight on top of the clip
+                    factors[0] *= sink
+                scaled = seq[~main[i]].float() * factors[:, None]
+                seq = seq[main[i]]
             seq = seq.float()
+            if sink is not None and (main is None or main[i, 0]):
+                seq = torch.cat([seq[:1] * sink, seq[1:]])
             with tf32_matmuls(exact_tf32):
                 acc.addmm_(seq.T, seq)
-            if clipped is not None:
-                acc.addmm_(clipped.T, clipped)
+            if scaled is not None:
+                acc.addmm_(scaled.T, scaled)
         self.n += seqs.shape[0] * seqs.shape[1]
         self._h = None
 

@@ -84,7 +84,8 @@ class AwqSpecial(Section):
 class GptqSpecial(Section):
     # Columns are solved in descending Hessian-diagonal order with the groups fixed up front: TPU-MLIR reads no
     # g_idx, and static groups keep every group's natural columns, so act-order costs nothing at run time. On
-    # SmolLM2-135M the natural order closed 26% of the RTN-to-float gap, act-order 55% (docs/gptq.md).
+    # SmolLM2-135M (sink_weight 16) the natural order closed 70/62% of the RTN-to-float gap, act-order 79/73%
+    # (docs/gptq.md).
     actorder: bool = Field(True, description="solve columns in descending activation order (needs static_groups)")
     static_groups: bool = Field(True, description="group scales/zeros from the original weights, before the solve")
     percdamp: float = Field(0.01, gt=0)
@@ -92,6 +93,8 @@ class GptqSpecial(Section):
     true_sequential: bool = True
     token_clip: float = Field(10.0, ge=0, description="Hessian statistics: tokens above token_clip x their sequence's median "
                               "squared norm (attention sinks' massive activations) are scaled down to it; 0 keeps them")
+    sink_weight: float = Field(16.0, ge=1, description="Hessian statistics: the first token of each calibration sequence "
+                               "(the attention sink every query reads) counts as sink_weight tokens; 1 counts it once")
 
 
 class RtnSpecial(Section):

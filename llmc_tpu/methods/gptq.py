@@ -35,7 +35,8 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def collect_hessians(block: nn.Module, subsets: list[Subset], inputs: list[BlockInput], device: torch.device,
-                     stop_early: bool = False, token_clip: float = 0.0, shard: Shard | None = None) -> dict[str, Hessian]:
+                     stop_early: bool = False, token_clip: float = 0.0, shard: Shard | None = None,
+                     sink_weight: float = 1.0) -> dict[str, Hessian]:
     """Run the block on every batch and accumulate the Hessian of each subset's input (keyed by its first layer).
 
     ``stop_early``: end each forward pass once the last subset's input is seen. ``shard``: the pipeline's
@@ -47,7 +48,7 @@ def collect_hessians(block: nn.Module, subsets: list[Subset], inputs: list[Block
     for subset in subsets:
         name = subset.layers[0]
         linear = block.get_submodule(name)
-        hessians[name] = Hessian(linear.in_features, device, token_clip, shard)
+        hessians[name] = Hessian(linear.in_features, device, token_clip, shard, sink_weight)
 
         def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
             hessians[name].add(args[0])
@@ -95,7 +96,8 @@ class GptqMethod(Method):
                     stages.setdefault(subset.stage, []).append(subset)
                 for stage in stages.values():
                     hessians = collect_hessians(block, stage, ctx.inputs, ctx.device, stop_early=len(stage) == 1,
-                                                token_clip=self.special["token_clip"], shard=ctx.shard)
+                                                token_clip=self.special["token_clip"], shard=ctx.shard,
+                                                sink_weight=self.special["sink_weight"])
                     for subset in stage:
                         t = time.perf_counter()
                         on_device = self._solve(ctx, subset, hessians[subset.layers[0]], notes)
@@ -105,7 +107,7 @@ class GptqMethod(Method):
                             linear.weight.data = fake_quant_weight(on_device[name], linear.weight)
             else:
                 hessians = collect_hessians(block, list(subsets), ctx.inputs, ctx.device, token_clip=self.special["token_clip"],
-                                            shard=ctx.shard)
+                                            shard=ctx.shard, sink_weight=self.special["sink_weight"])
                 t = time.perf_counter()
                 for subset in subsets:
                     self._solve(ctx, subset, hessians[subset.layers[0]], notes)
