@@ -262,6 +262,18 @@ def test_pack_matches_word_by_word_reference(bits, dim):
     assert torch.equal(words, expected if dim == 1 else expected.T)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("rows", [0, 1, 3])
+def test_pack_along_the_rows_of_one_or_no_row(bits, rows):
+    """The byte path with a single row (any stride on its size-1 dimension) or none, against the int32 fields."""
+    per = 32 // bits
+    v = torch.randint(0, 1 << bits, (rows, 4 * per), generator=torch.Generator().manual_seed(rows), dtype=torch.int16)
+    fields = (v.reshape(rows, 4, per).to(torch.int64) << torch.arange(0, 32, bits)).sum(-1)
+    expected = torch.where(fields >= 1 << 31, fields - (1 << 32), fields).to(torch.int32)
+    column_major = torch.empty(v.shape[1], rows, dtype=v.dtype).copy_(v.T).T  # one row: strides (1, 1)
+    assert torch.equal(pack(v, bits, 1), expected) and torch.equal(pack(column_major, bits, 1), expected)
+
+
 def gptq_config(model: Path, calib: Path, save: Path, **quant) -> dict:
     return {
         "model": {"path": str(model), "torch_dtype": "float32"},

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import shlex
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ def pack(values: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
         lo, hi = torch.aminmax(values)
         if int(lo) < 0 or int(hi) >= 1 << bits:
             raise ValueError(f"values {int(lo)}..{int(hi)} cannot be packed in {bits} bits (0..{(1 << bits) - 1})")
+    if dim == 1 and bits in (4, 8) and sys.byteorder == "little":
+        return _pack_bytes(values, bits)
     shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=values.device)
     if dim == 0:
         v = values.reshape(r // per, per, values.shape[1]).to(torch.int32)
@@ -71,6 +74,17 @@ def pack(values: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
     v = values.reshape(values.shape[0], r // per, per).to(torch.int32)
     v <<= shifts
     return v.sum(dim=2, dtype=torch.int32)
+
+
+def _pack_bytes(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """``pack`` along the rows for 4 and 8 bits through bytes: a little-endian int32 word is its 4 bytes, lowest
+    first, so two 4-bit fields per byte (the even column low) viewed as int32 are the words. A quarter of the
+    memory traffic of shifting and summing int32 fields (a 7B's codes were most of its GPTQ save)."""
+    b = values.to(torch.uint8)
+    if bits == 4:
+        b = b[:, 0::2] | (b[:, 1::2] << 4)
+    # flat first: a single row may carry any stride on its size-1 dimension
+    return b.contiguous().reshape(-1).view(torch.int32).reshape(values.shape[0], values.shape[1] * bits // 32)
 
 
 def unpack(words: torch.Tensor, bits: int) -> torch.Tensor:
