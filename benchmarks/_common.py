@@ -75,3 +75,23 @@ def require_cuda():
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
     return torch.device("cuda")
+
+
+def median_s(fn, *args, repeats: int) -> float:
+    """The median wall time of ``fn(*args)`` over ``repeats`` calls, CUDA synchronized around each call where an
+    argument is a CUDA tensor."""
+    import time
+
+    import torch
+
+    cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn(*args)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import git_commit, write_result  # noqa: E402
+from _common import git_commit, median_s, write_result  # noqa: E402
 
 from llmc_tpu.export.gptq_checkpoint import pack  # noqa: E402
 
@@ -39,19 +38,6 @@ def qweight(fn, codes: torch.Tensor, bits: int) -> torch.Tensor:
     return fn(codes, bits).T.contiguous()
 
 
-def median_s(fn, codes: torch.Tensor, bits: int, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if codes.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        qweight(fn, codes, bits)
-        if codes.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -68,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             assert torch.equal(qweight(ours_fn, codes, bits), qweight(shift_and_sum, codes, bits)), name
             for _ in range(2):  # warm-up, interleaved so that both see the same machine state
                 qweight(ours_fn, codes, bits), qweight(shift_and_sum, codes, bits)
-            ours = median_s(ours_fn, codes, bits, args.repeats)
-            peer = median_s(shift_and_sum, codes, bits, args.repeats)
+            ours = median_s(qweight, ours_fn, codes, bits, repeats=args.repeats)
+            peer = median_s(qweight, shift_and_sum, codes, bits, repeats=args.repeats)
             rows[f"{name} W{bits}"] = {"shape": [n, k], "bits": bits, "pack_ms": round(ours * 1e3, 3),
                                        "shift_and_sum_ms": round(peer * 1e3, 3), "speedup": round(peer / ours, 2)}
             print(f"| {name} [{n}, {k}] | {bits} | {ours * 1e3:.2f} | {peer * 1e3:.2f} | {peer / ours:.2f}x |")

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import git_commit, write_result  # noqa: E402
+from _common import git_commit, median_s, write_result  # noqa: E402
 
 from llmc_tpu.tpu.rtn import TpuWeightFormat, fake_quantize, round_half_away, tpu_grid  # noqa: E402
 
@@ -34,19 +33,6 @@ def repeated(w: torch.Tensor, fmt: TpuWeightFormat) -> torch.Tensor:
     s, z = scale.repeat_interleave(g, dim=1), zero.float().repeat_interleave(g, dim=1)
     codes = (round_half_away(w / s) + z).clamp(0, fmt.qmax)
     return (codes - z) * scale.to(fmt.torch_scale_dtype).float().repeat_interleave(g, dim=1)
-
-
-def median_s(fn, *args, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if args[0].is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn(*args)
-        if args[0].is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
