@@ -152,9 +152,10 @@ class Hessian:
                     factors[0] *= sink
                 scaled = seq[~main[i]].float() * factors[:, None]
                 seq = seq[main[i]]
-            seq = seq.float()
-            if sink is not None and (main is None or main[i, 0]):
-                seq = torch.cat([seq[:1] * sink, seq[1:]])
+            weigh_sink = sink is not None and (main is None or bool(main[i, 0]))
+            seq = seq.to(torch.float32, copy=weigh_sink)  # the sink's row is scaled in place: a copy of our own
+            if weigh_sink:
+                seq[0] *= sink
             with tf32_matmuls(exact_tf32):
                 acc.addmm_(seq.T, seq)
             if scaled is not None:
