@@ -59,6 +59,15 @@ from llmc_tpu.tpu.rtn import TpuWeightFormat  # noqa: E402
 
 FMT = TpuWeightFormat(4, 64)
 AWQ = {"trans_version": "v1", "clip_sym": False}  # s = x^r / w^(1-r), asymmetric clip search
+
+
+def sink_weight_rows(weight: float) -> dict[str, dict[str, Any]]:
+    """GPTQ in natural order and in act-order with the attention sink counted ``weight`` times."""
+    return {f"GPTQ natural order, sink_weight {weight:g}": {"method": "GPTQ", "special": {
+                "actorder": False, "static_groups": False, "sink_weight": weight}},
+            f"GPTQ, sink_weight {weight:g}": {"method": "GPTQ", "special": {"sink_weight": weight}}}
+
+
 ROWS: dict[str, dict[str, Any]] = {  # row -> quant section
     "RTN": {"method": "RTN"},
     "AWQ": {"method": "Awq", "special": AWQ},
@@ -66,10 +75,7 @@ ROWS: dict[str, dict[str, Any]] = {  # row -> quant section
     "GPTQ": {"method": "GPTQ"},  # the default: act-order, static groups, token_clip 10, sink_weight 16
     "Awq+GPTQ natural order": {"method": ["Awq", "GPTQ"], "special": {**AWQ, "actorder": False, "static_groups": False}},
     "Awq+GPTQ": {"method": ["Awq", "GPTQ"], "special": AWQ},
-    # the attention sink counted as one token (before sink_weight): what it changes
-    "GPTQ natural order, sink_weight 1": {"method": "GPTQ", "special": {"actorder": False, "static_groups": False,
-                                                                         "sink_weight": 1}},
-    "GPTQ, sink_weight 1": {"method": "GPTQ", "special": {"sink_weight": 1}},
+    **sink_weight_rows(1),  # the attention sink counted as one token (before sink_weight): what it changes
     "SignRound": {"method": "SignRound"},
     "Awq+SignRound": {"method": ["Awq", "SignRound"], "special": AWQ},
 }
@@ -188,10 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         calib, eval_paths = build_texts(Path(tmp))
         for weight in args.sink_weights:
-            ROWS[f"GPTQ natural order, sink_weight {weight:g}"] = {"method": "GPTQ", "special": {
-                "actorder": False, "static_groups": False, "sink_weight": weight}}
-            ROWS[f"GPTQ, sink_weight {weight:g}"] = {"method": "GPTQ", "special": {"sink_weight": weight}}
-            args.rows += [f"GPTQ natural order, sink_weight {weight:g}", f"GPTQ, sink_weight {weight:g}"]
+            extra = sink_weight_rows(weight)
+            ROWS.update(extra)
+            args.rows += list(extra)
         names = [r for r in args.rows if args.only != "reference"]
         if "RTN" not in names:
             names.insert(0, "RTN")  # the float and RTN perplexities every row is measured against
