@@ -16,7 +16,7 @@ import json
 import os
 import struct
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,19 +78,37 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def save_file(entries: Mapping[str, Entry], filename: str | os.PathLike, metadata: Mapping[str, str] | None = None
-              ) -> None:
-    """Write ``entries`` (tensors, or ``Deferred`` ones) as ``safetensors.torch.save_file`` would, one at a time."""
+def save_file(entries: Mapping[str, Entry], filename: str | os.PathLike, metadata: Mapping[str, str] | None = None,
+              build_ahead: bool = True) -> None:
+    """Write ``entries`` (tensors, or ``Deferred`` ones) as ``safetensors.torch.save_file`` would, one at a time.
+
+    ``build_ahead``: a ``Deferred`` entry is built while the tensor before it is written and hashed (a GPTQ Linear's
+    codes are packed while the previous Linear's words go to the file); at most one built tensor waits beside the one
+    being written. False builds each in its turn (``benchmarks/gptq_save.py`` compares the two).
+    """
     head, order = header_bytes(entries, metadata)
     path = Path(filename)
     digest = hashlib.sha256(head)
-    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="llmc_tpu-sha256") as hasher:
+
+    def build(name: str) -> torch.Tensor:
+        entry = entries[name]
+        t = entry.make() if isinstance(entry, Deferred) else entry
+        if _spec(t) != _spec(entry):
+            raise ValueError(f"{name}: built as {t.dtype} {tuple(t.shape)}, announced as {entry.dtype} {entry.shape}")
+        return t
+
+    def later(i: int) -> Future | None:  # the next Deferred entry, built in the background
+        if build_ahead and i < len(order) and isinstance(entries[order[i]], Deferred):
+            return builder.submit(build, order[i])
+        return None
+
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="llmc_tpu-sha256") as hasher, \
+            ThreadPoolExecutor(1, thread_name_prefix="llmc_tpu-build") as builder:
         f.write(head)
-        for name in order:
-            entry = entries[name]
-            t = entry.make() if isinstance(entry, Deferred) else entry
-            if _spec(t) != _spec(entry):
-                raise ValueError(f"{name}: built as {t.dtype} {tuple(t.shape)}, announced as {entry.dtype} {entry.shape}")
+        next_built = later(0)
+        for i, name in enumerate(order):
+            t = next_built.result() if next_built is not None else build(name)
+            next_built = later(i + 1)
             data = t.detach().to("cpu").contiguous()
             if data.numel():
                 raw = data.reshape(-1).view(torch.uint8).numpy().data
