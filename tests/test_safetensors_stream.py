@@ -33,7 +33,10 @@ def test_bytes_are_the_library_s(tmp_path, metadata):
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()
 
 
-def test_deferred_entries_are_built_in_turn_and_checked(tmp_path):
+@pytest.mark.parametrize("build_ahead", [True, False])
+def test_deferred_entries_are_built_once_and_checked(tmp_path, build_ahead):
+    """Deferred entries (every other one and runs of them) give the library's bytes, whether each is built while the
+    one before it is written or in its turn; a built tensor that is not what was announced is refused."""
     tensors = mixed_tensors()
     built = []
 
@@ -43,14 +46,16 @@ def test_deferred_entries_are_built_in_turn_and_checked(tmp_path):
             return tensors[name]
         return Deferred(tensors[name].dtype, tuple(tensors[name].shape), make)
 
-    entries = {n: later(n) if n.startswith("layer.1") else t for n, t in tensors.items()}
-    save_file(entries, tmp_path / "ours.safetensors", metadata={"format": "pt"})
+    deferred = [n for i, n in enumerate(sorted(tensors)) if n.startswith("layer.1") or i % 2]
+    entries = {n: later(n) if n in deferred else t for n, t in tensors.items()}
+    save_file(entries, tmp_path / "ours.safetensors", metadata={"format": "pt"}, build_ahead=build_ahead)
     library_save_file(tensors, tmp_path / "lib.safetensors", metadata={"format": "pt"})
     assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "lib.safetensors").read_bytes()
-    assert sorted(built) == sorted(n for n in tensors if n.startswith("layer.1"))
-    wrong = {"x": Deferred(torch.float32, (2, 2), lambda: torch.zeros(2, 3))}
-    with pytest.raises(ValueError, match="announced as"):
-        save_file(wrong, tmp_path / "bad.safetensors")
+    assert sorted(built) == sorted(deferred)
+    wrong = {"a": Deferred(torch.float32, (2, 2), lambda: torch.zeros(2, 2)),
+             "x": Deferred(torch.float32, (2, 2), lambda: torch.zeros(2, 3))}
+    with pytest.raises(ValueError, match="x: built as"):
+        save_file(wrong, tmp_path / "bad.safetensors", build_ahead=build_ahead)
 
 
 def test_mapped_source_pages_are_given_back(tmp_path):
