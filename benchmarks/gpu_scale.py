@@ -34,6 +34,7 @@ Examples (on one H200; each command must finish within 10 minutes there, so one 
     python benchmarks/gpu_scale.py --shape 7b --methods gptq --no-peer --nproc 1 2  # 1 GPU, then torchrun on 2
     python benchmarks/gpu_scale.py --shape tiny --samples 8 --no-peer --out /tmp/t.json   # a CPU smoke run
     python benchmarks/gpu_scale.py --shape host --samples 8 --methods gptq --no-peer --out /tmp/host.json  # host RSS, CPU
+    python benchmarks/gpu_scale.py --shape 7b --methods gptq --no-peer --repeat 2   # run ours twice: same bytes?
 
 Rows of earlier runs in ``--out`` are kept unless the same (shape, layers, method, tool, processes, samples,
 GPU cap) is measured again. Logs of every process (and a copy of our run's report.json) are in ``WORKDIR/logs/``.
@@ -293,8 +294,10 @@ def our_config(method: Method, model: Path, calib: Path, n_samples: int, save_pa
             "run": {"task_name": task, **({"device_memory_gib": device_memory_gib} if device_memory_gib else {})}}
 
 
-def run_ours(row: Row, model: Path, calib: Path, workdir: Path, logs: Path, calib_info: dict[str, Any]) -> None:
-    """``tpu/llm_quant.py --config`` in a fresh process (torchrun for nproc > 1); outputs deleted afterwards."""
+def run_ours(row: Row, model: Path, calib: Path, workdir: Path, logs: Path, calib_info: dict[str, Any],
+             keep: Path | None = None) -> None:
+    """``tpu/llm_quant.py --config`` in a fresh process (torchrun for nproc > 1); outputs deleted afterwards, or
+    moved to ``keep``."""
     import yaml
 
     cap = f"_cap{row.device_memory_gib:g}GiB" if row.device_memory_gib else ""
@@ -319,7 +322,55 @@ def run_ours(row: Row, model: Path, calib: Path, workdir: Path, logs: Path, cali
             read_report(row, report, calib_info)
         elif row.exit_code == 0:
             row.details["warning"] = f"no report.json in {save}"
+        if keep is not None and save.is_dir():
+            shutil.move(str(save), keep)
     row.details["config"] = cfg
+
+
+def tensor_differences(first: Path, again: Path) -> dict[str, str]:
+    """Per tensor of the safetensors files two runs wrote (relative paths alike), where they differ: how many
+    elements, or that one run lacks it."""
+    import torch
+    from safetensors import safe_open
+
+    out: dict[str, str] = {}
+    names = {p.relative_to(first) for p in first.rglob("*.safetensors")} | {p.relative_to(again) for p in again.rglob("*.safetensors")}
+    for rel in sorted(names):
+        if not (first / rel).is_file() or not (again / rel).is_file():
+            out[str(rel)] = "written by one run only"
+            continue
+        with safe_open(str(first / rel), "pt") as a, safe_open(str(again / rel), "pt") as b:
+            for key in sorted(set(a.keys()) | set(b.keys())):
+                if key not in a.keys() or key not in b.keys():
+                    out[f"{rel}:{key}"] = "in one run only"
+                    continue
+                x, y = a.get_tensor(key), b.get_tensor(key)
+                if x.shape != y.shape or x.dtype != y.dtype:
+                    out[f"{rel}:{key}"] = f"{x.dtype} {tuple(x.shape)} against {y.dtype} {tuple(y.shape)}"
+                elif not torch.equal(x, y):
+                    out[f"{rel}:{key}"] = f"{int((x.view(-1) != y.view(-1)).sum())} of {x.numel()} elements"
+    return out
+
+
+def run_repeats(row: Row, common: dict[str, Any], times: int, model: Path, calib: Path, workdir: Path, logs: Path,
+                calib_info: dict[str, Any]) -> None:
+    """``row``'s run, then ``times - 1`` more of it: ``details.repeats`` has each one's time and whether it wrote the
+    first run's bytes (and, where not, which tensors differ: the first run's outputs are kept until then)."""
+    with tempfile.TemporaryDirectory(prefix="repeats_", dir=workdir) as tmp:
+        first = Path(tmp) / "first"
+        run_ours(row, model, calib, workdir, logs, calib_info, keep=first if times > 1 else None)
+        for _ in range(times - 1):
+            again, kept = Row(**copy.deepcopy({**common, "tool": row.tool, "nproc": row.nproc,
+                                               "device_memory_gib": row.device_memory_gib})), Path(tmp) / "again"
+            run_ours(again, model, calib, workdir, logs, calib_info, keep=kept)
+            same = again.details.get("outputs_sha256") == row.details.get("outputs_sha256")
+            row.details.setdefault("repeats", []).append({
+                "exit_code": again.exit_code, "process_s": again.process_s, "quantize_s": again.quantize_s,
+                "timings_s": again.details.get("timings_s"), "outputs_sha256": again.details.get("outputs_sha256"),
+                "same_bytes_as_first": same, **({} if same else {"tensors_differing": tensor_differences(first, kept)})})
+            print(f"repeat of {row.method} ours x{row.nproc}: {again.process_s} s, "
+                  f"{'the same bytes' if same else 'OTHER BYTES than the first run'}", flush=True)
+            shutil.rmtree(kept, ignore_errors=True)
 
 
 def output_digests(save: Path) -> dict[str, str]:
@@ -537,6 +588,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tools.add_argument("--peer-only", action="store_true", help="run llm-compressor only (ours from an earlier run in "
                                                                 "--out gives the ratio)")
     tools.add_argument("--build-only", action="store_true", help="build (or check) the model folder and stop")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="run ours this many times per row; details.repeats says whether each later run wrote the first "
+                         "run's bytes and, where not, which tensors differ (default 1)")
     ap.add_argument("--nproc", type=int, nargs="+", default=[1],
                     help="processes for ours: N > 1 launches torchrun --standalone --nproc-per-node N; several values "
                          "run ours once per value, and the table compares each torchrun run with one process (time "
@@ -555,8 +609,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     full = SHAPES[args.shape].layers
     if args.layers is not None and not 1 <= args.layers <= full:
         ap.error(f"--layers must be between 1 and {full} for {args.shape}")
-    if min(args.nproc) < 1 or args.samples < 1:
-        ap.error("--nproc and --samples must be at least 1")
+    if min(args.nproc) < 1 or args.samples < 1 or args.repeat < 1:
+        ap.error("--nproc, --samples and --repeat must be at least 1")
     return args
 
 
@@ -596,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.peer_only:
             for nproc in args.nproc:
                 rows.append(Row(tool="ours", nproc=nproc, device_memory_gib=args.device_memory_gib, **copy.deepcopy(common)))
-                run_ours(rows[-1], model, calib, workdir, logs, calib_info)
+                run_repeats(rows[-1], common, args.repeat, model, calib, workdir, logs, calib_info)
         if not peer_skip:
             ids_path = workdir / f"ids_{name}_{args.samples}x{method.seq_len}.pt"
             torch.save(ids, ids_path)
