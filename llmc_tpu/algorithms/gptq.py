@@ -146,13 +146,13 @@ class Hessian:
         for i, seq in enumerate(seqs):
             acc = self.acc.slot(x.dim() >= 3)  # an MoE expert's rows, 2-D, are not one sample (OrderedSum.slot)
             scaled = None
+            weigh_sink = sink is not None and (main is None or bool(main[i, 0]))  # the sink among the tokens as they are
             if main is not None and not bool(main[i].all()):
                 factors = clip[i][~main[i]]
-                if sink is not None and not main[i, 0]:  # a clipped sink: its weight on top of the clip
+                if sink is not None and not weigh_sink:  # a clipped sink: its weight on top of the clip
                     factors[0] *= sink
                 scaled = seq[~main[i]].float() * factors[:, None]
                 seq = seq[main[i]]
-            weigh_sink = sink is not None and (main is None or bool(main[i, 0]))
             seq = seq.to(torch.float32, copy=weigh_sink)  # the sink's row is scaled in place: a copy of our own
             if weigh_sink:
                 seq[0] *= sink
