@@ -138,6 +138,32 @@ def test_actorder_with_static_groups_keeps_the_grid_of_the_original_weights():
     gptq_quantize(w, h.h, FORMATS["W4BF16-per-channel"], actorder=True)  # per channel: one group, nothing to reorder
 
 
+def test_a_given_column_order_generalizes_act_order():
+    """``order`` = descending diag(H) is act-order and ``order`` = 0..K-1 the natural order, code for code; any other
+    permutation keeps the original weights' grid; what is not a permutation, or comes without static groups, is
+    refused."""
+    w, x = weight(), correlated_inputs(256, seed=5)
+    h = Hessian(256)
+    h.add(x)
+    diag = torch.diagonal(h.h)
+    act = gptq_quantize(w, h.h, W4, actorder=True, static_groups=True)
+    assert torch.equal(gptq_quantize(w, h.h, W4, static_groups=True, order=torch.argsort(diag, descending=True)).codes,
+                       act.codes)
+    plain = gptq_quantize(w, h.h, W4, static_groups=True)
+    assert torch.equal(gptq_quantize(w, h.h, W4, static_groups=True, order=torch.arange(256)).codes, plain.codes)
+    top = torch.argsort(diag, descending=True)[:8]  # the 8 strongest columns first, then the rest in natural order
+    rest = torch.tensor([c for c in range(256) if c not in set(top.tolist())])
+    mixed = gptq_quantize(w, h.h, W4, static_groups=True, order=torch.cat([top, rest]))
+    scale, zero, _ = handoff_grid(w, W4)
+    assert torch.equal(mixed.scale, scale) and torch.equal(mixed.zero, zero)
+    assert not torch.equal(mixed.codes, plain.codes) and not torch.equal(mixed.codes, act.codes)
+    assert output_error(w, mixed.dequantize(), h.h) < output_error(w, quantize_weight(w, W4).dequantize(), h.h)
+    with pytest.raises(ValueError, match="not a permutation"):
+        gptq_quantize(w, h.h, W4, static_groups=True, order=torch.zeros(256, dtype=torch.long))
+    with pytest.raises(ValueError, match="static groups"):
+        gptq_quantize(w, h.h, W4, order=torch.arange(256))
+
+
 def test_blocksize_does_not_change_the_result():
     """Lazy block updates are exact, group starts inside a block included (blocksize 48 vs G 64)."""
     w, x = weight(), correlated_inputs(256, seed=4)

@@ -317,8 +317,12 @@ def _chunk_bounds(sizes: list[int], n: int) -> list[slice]:
 
 def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, blocksize: int = 128,
                   percdamp: float = 0.01, actorder: bool = False, static_groups: bool = False,
-                  row_chunks: Sequence[int] | None = None) -> GptqResult:
+                  row_chunks: Sequence[int] | None = None, order: torch.Tensor | None = None) -> GptqResult:
     """Quantize ``w`` ``[N, K]`` on TPU-MLIR's grid, minimizing the output error on inputs with Hessian ``[K, K]``.
+
+    ``order``: the columns in the order to solve them (a permutation of ``0..K-1``), in place of act-order's
+    descending ``diag(H)``; like act-order it needs static groups. ``actorder=True`` is ``order=argsort(diag(H),
+    descending=True)``.
 
     Every row is solved on its own (the error of a row is spread over that row's later columns), so the rows
     can be solved in pieces. ``row_chunks``: the sizes of the consecutive row chunks the matrix products of the
@@ -331,7 +335,12 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, 
     g = k if fmt.per_channel else fmt.group_size
     if k % g:
         raise ValueError(f"in_features {k} is not a multiple of the group size {g} (TPU-MLIR asserts K % G == 0)")
-    if actorder and not static_groups and not fmt.per_channel:
+    if order is not None:
+        order = torch.as_tensor(order, device=W.device)
+        if not torch.equal(torch.sort(order).values, torch.arange(k, device=W.device)):
+            raise ValueError(f"order is not a permutation of the {k} columns")
+    reorder = actorder or order is not None
+    if reorder and not static_groups and not fmt.per_channel:
         raise ValueError("act-order needs static groups: TPU-MLIR reads no g_idx (quant.special.static_groups: True)")
     if not torch.isfinite(hessian).all():
         raise GptqError("the Hessian has NaN/Inf values: the calibration activations overflowed")
@@ -346,15 +355,15 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, 
     if static:
         scale, zero, fixes = handoff_grid(W, fmt)
     deq = scale.to(fmt.torch_scale_dtype).float()
-    order = torch.arange(k, device=W.device)
-    if actorder:
-        order = torch.argsort(diag, descending=True)
+    if order is None:
+        order = torch.argsort(diag, descending=True) if actorder else torch.arange(k, device=W.device)
+    if reorder:
         W = W[:, order]
 
     def working_h() -> torch.Tensor:  # H on W's device, dead columns set to 1, in the solving order
         H = hessian.detach().to(W.device, torch.float32, copy=True)
         H.diagonal()[dead] = 1
-        if actorder:
+        if reorder:
             H = H[order]
             H = H[:, order]
         return H
@@ -394,7 +403,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, 
         Q[:, i1:i2] = ws.Q.to(torch.int16)
         for r in bounds:
             W[r, i2:].sub_(ws.Err[r] @ hinv[i1:i2, i2:])
-    if actorder:
+    if reorder:
         Q = Q[:, torch.argsort(order)]
     return GptqResult(fmt, Q, scale, zero, used, int(dead.sum()), fixes, warnings)
 
