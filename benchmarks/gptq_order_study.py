@@ -102,10 +102,7 @@ class Study:
 
         gptq_method.GptqMethod._solve = solve
         gptq_method.collect_hessians = hessians
-        gptq_method.gptq_quantize = lambda w, h, fmt, blocksize=128, percdamp=0.01, actorder=False, \
-            static_groups=False, row_chunks=None: self.solve(w, h, fmt, blocksize=blocksize, percdamp=percdamp,
-                                                             actorder=actorder, static_groups=static_groups,
-                                                             row_chunks=row_chunks)
+        gptq_method.gptq_quantize = self.solve  # GptqMethod passes everything after the format by keyword
         ours = bench.ours
 
         def run_row(row, *args, **kw):

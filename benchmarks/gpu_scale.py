@@ -340,8 +340,9 @@ def tensor_differences(first: Path, again: Path) -> dict[str, str]:
             out[str(rel)] = "written by one run only"
             continue
         with safe_open(str(first / rel), "pt") as a, safe_open(str(again / rel), "pt") as b:
-            for key in sorted(set(a.keys()) | set(b.keys())):
-                if key not in a.keys() or key not in b.keys():
+            keys_a, keys_b = set(a.keys()), set(b.keys())
+            for key in sorted(keys_a | keys_b):
+                if key not in keys_a or key not in keys_b:
                     out[f"{rel}:{key}"] = "in one run only"
                     continue
                 x, y = a.get_tensor(key), b.get_tensor(key)
@@ -352,16 +353,16 @@ def tensor_differences(first: Path, again: Path) -> dict[str, str]:
     return out
 
 
-def run_repeats(row: Row, common: dict[str, Any], times: int, model: Path, calib: Path, workdir: Path, logs: Path,
+def run_repeats(row: Row, times: int, model: Path, calib: Path, workdir: Path, logs: Path,
                 calib_info: dict[str, Any]) -> None:
     """``row``'s run, then ``times - 1`` more of it: ``details.repeats`` has each one's time and whether it wrote the
     first run's bytes (and, where not, which tensors differ: the first run's outputs are kept until then)."""
+    unrun = copy.deepcopy(row)  # each repeat starts from the row as it was before its first run
     with tempfile.TemporaryDirectory(prefix="repeats_", dir=workdir) as tmp:
         first = Path(tmp) / "first"
         run_ours(row, model, calib, workdir, logs, calib_info, keep=first if times > 1 else None)
         for _ in range(times - 1):
-            again, kept = Row(**copy.deepcopy({**common, "tool": row.tool, "nproc": row.nproc,
-                                               "device_memory_gib": row.device_memory_gib})), Path(tmp) / "again"
+            again, kept = copy.deepcopy(unrun), Path(tmp) / "again"
             run_ours(again, model, calib, workdir, logs, calib_info, keep=kept)
             same = again.details.get("outputs_sha256") == row.details.get("outputs_sha256")
             row.details.setdefault("repeats", []).append({
@@ -650,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.peer_only:
             for nproc in args.nproc:
                 rows.append(Row(tool="ours", nproc=nproc, device_memory_gib=args.device_memory_gib, **copy.deepcopy(common)))
-                run_repeats(rows[-1], common, args.repeat, model, calib, workdir, logs, calib_info)
+                run_repeats(rows[-1], args.repeat, model, calib, workdir, logs, calib_info)
         if not peer_skip:
             ids_path = workdir / f"ids_{name}_{args.samples}x{method.seq_len}.pt"
             torch.save(ids, ids_path)

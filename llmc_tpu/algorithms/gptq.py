@@ -341,7 +341,8 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, 
             raise ValueError(f"order is not a permutation of the {k} columns")
     reorder = actorder or order is not None
     if reorder and not static_groups and not fmt.per_channel:
-        raise ValueError("act-order needs static groups: TPU-MLIR reads no g_idx (quant.special.static_groups: True)")
+        raise ValueError("act-order (or any given column order) needs static groups: TPU-MLIR reads no g_idx "
+                         "(quant.special.static_groups: True)")
     if not torch.isfinite(hessian).all():
         raise GptqError("the Hessian has NaN/Inf values: the calibration activations overflowed")
     diag = torch.diagonal(hessian).to(W.device, torch.float32)
