@@ -168,8 +168,10 @@ def table(rows: dict[str, dict[str, Any]], base: dict[str, float], rtn: dict[str
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+def main(argv: list[str] | None = None, description: str | None = None) -> int:
+    """``description``: the --help text of a script that runs this benchmark with rows of its own (default: this one's)."""
+    ap = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="Example: python benchmarks/accuracy_smollm2.py --model models/SmolLM2-135M-Instruct")
     ap.add_argument("--model", type=Path, default=REPO / "models" / "SmolLM2-135M-Instruct")
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), help="our methods to run")

@@ -14,6 +14,9 @@ leaves every other row as ``accuracy_smollm2.py`` runs it:
 - ``methods.gptq.collect_hessians``: ``qkv sink W``, the attention sink counted W times at the q/k/v input and
   ``sink_weight`` (16) times elsewhere.
 
+Without ``--rows`` it runs RTN, GPTQ in natural order and act-order, and every study row; ``--out`` defaults to
+``results/gptq_order_study.json``; our rows only (``--only ours``), so llm-compressor need not be importable.
+
     python benchmarks/gptq_order_study.py --model models/SmolLM2-135M-Instruct --seed 1 \\
         --rows "GPTQ natural, act@qkv" "GPTQ outliers-first 2%" --out /tmp/order_seed1.json
 """
@@ -121,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         argv += ["--rows", "GPTQ natural order", "GPTQ", *rows]
     if "--out" not in argv:
         argv += ["--out", str(Path(__file__).parent / "results" / "gptq_order_study.json")]
-    return bench.main(["--only", "ours", *argv])
+    return bench.main(["--only", "ours", *argv], description=__doc__)
 
 
 if __name__ == "__main__":
