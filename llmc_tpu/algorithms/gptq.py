@@ -308,7 +308,7 @@ def _block(n: int, width: int, device: torch.device) -> _Block:
     return _BLOCKS[key]
 
 
-def _chunk_bounds(sizes: list[int], n: int) -> list[slice]:
+def row_chunk_bounds(sizes: list[int], n: int) -> list[slice]:
     if sum(sizes) != n or min(sizes, default=0) < 0:
         raise ValueError(f"row_chunks {sizes} do not add up to the {n} rows")
     ends = list(itertools.accumulate(sizes))
@@ -331,7 +331,7 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, fmt: TpuWeightFormat, 
     """
     W = w.detach().float().clone()
     n, k = W.shape
-    bounds = _chunk_bounds(parts_sizes(n) if row_chunks is None else list(row_chunks), n)
+    bounds = row_chunk_bounds(parts_sizes(n) if row_chunks is None else list(row_chunks), n)
     g = k if fmt.per_channel else fmt.group_size
     if k % g:
         raise ValueError(f"in_features {k} is not a multiple of the group size {g} (TPU-MLIR asserts K % G == 0)")

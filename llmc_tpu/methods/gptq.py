@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from llmc_tpu.algorithms.gptq import GptqResult, Hessian, gptq_quantize, output_errors
+from llmc_tpu.algorithms.gptq_refine import default_sweeps, refine_codes
 from llmc_tpu.engine import transfer
 from llmc_tpu.engine.blockwise import BlockInput, move
 from llmc_tpu.engine.distributed import Shard
@@ -123,14 +124,22 @@ class GptqMethod(Method):
         if uncalibrated:
             ctx.report["uncalibrated"] = uncalibrated
 
-    def _solve_rows(self, w: torch.Tensor, h: torch.Tensor, ctx: BlockContext) -> GptqResult:
-        """GPTQ on ``w``: under torchrun each process solves its parts of the rows and every process gets all of
-        them (each row is solved on its own, in the same row chunks whatever the number of processes)."""
+    def refine_sweeps(self) -> int:
+        """Coordinate-descent sweeps after each solve (``quant.special.refine_sweeps``, by default by the order)."""
+        sweeps = self.special.get("refine_sweeps")
+        return default_sweeps(self.special["actorder"]) if sweeps is None else sweeps
+
+    def _solve_rows(self, w: torch.Tensor, h: torch.Tensor, ctx: BlockContext, sweeps: int) -> GptqResult:
+        """GPTQ on ``w``, then ``sweeps`` of coordinate descent on its codes: under torchrun each process solves its
+        parts of the rows and every process gets all of them (each row is solved on its own, in the same row chunks
+        whatever the number of processes)."""
         sp = self.special
         shard = ctx.shard
         rows, chunks = shard.matrix_rows(w.shape[0]) if shard is not None else (range(w.shape[0]), None)
-        res = gptq_quantize(w[rows.start:rows.stop], h, ctx.fmt, blocksize=sp["blocksize"], percdamp=sp["percdamp"],
+        mine = w[rows.start:rows.stop]
+        res = gptq_quantize(mine, h, ctx.fmt, blocksize=sp["blocksize"], percdamp=sp["percdamp"],
                             actorder=sp["actorder"], static_groups=sp["static_groups"], row_chunks=chunks)
+        res = refine_codes(res, mine, h, sweeps, blocksize=sp["blocksize"], row_chunks=chunks)
         if shard is None or shard.ranks.world == 1:
             return res
         return dataclasses.replace(res, codes=shard.gather(res.codes), scale=shard.gather(res.scale),
@@ -145,13 +154,16 @@ class GptqMethod(Method):
         h = hessian.h
         if hessian.n == 0:  # an expert no calibration token reached: identity Hessian = TPU-MLIR's RTN codes
             h = torch.eye(h.shape[0], device=h.device)
-        res = self._solve_rows(torch.cat(weights), h, ctx)
+        sweeps = 0 if hessian.n == 0 else self.refine_sweeps()  # RTN's codes stay RTN's
+        res = self._solve_rows(torch.cat(weights), h, ctx, sweeps)
         for w in res.warnings:
             log.warning("block %d %s: %s", ctx.index, "/".join(subset.layers), w)
         note: dict[str, Any] = {"layers": list(subset.layers), "tokens": hessian.n, "percdamp": res.percdamp,
                                 "err": {}, "err_rtn": {}}
         if hessian.n == 0:
             note["uncalibrated"] = True
+        if sweeps:
+            note["refine_sweeps"] = sweeps
         row, on_device = 0, {}
         for name, w in zip(subset.layers, weights):
             q = res.tpu_weight(slice(row, row + w.shape[0]))
