@@ -71,7 +71,10 @@ def sink_weight_rows(weight: float) -> dict[str, dict[str, Any]]:
 ROWS: dict[str, dict[str, Any]] = {  # row -> quant section
     "RTN": {"method": "RTN"},
     "AWQ": {"method": "Awq", "special": AWQ},
+    # natural order runs 3 sweeps of coordinate descent on its codes by default (refine_sweeps); "no refine": without
     "GPTQ natural order": {"method": "GPTQ", "special": {"actorder": False, "static_groups": False}},
+    "GPTQ natural order, no refine": {"method": "GPTQ", "special": {"actorder": False, "static_groups": False,
+                                                                    "refine_sweeps": 0}},
     "GPTQ": {"method": "GPTQ"},  # the default: act-order, static groups, token_clip 10, sink_weight 16
     "Awq+GPTQ natural order": {"method": ["Awq", "GPTQ"], "special": {**AWQ, "actorder": False, "static_groups": False}},
     "Awq+GPTQ": {"method": ["Awq", "GPTQ"], "special": AWQ},
