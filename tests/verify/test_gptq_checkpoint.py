@@ -25,6 +25,8 @@ CASES = {  # name -> (tiny model, quant.weight, run.tpu_dtype, run.chip[, quant.
     "W4F16-g64": ("llama", {}, "f16", "bm1684x"),
     "W4BF16-g32-folded": ("npu", {"group_size": 32}, "bf16", "bm1684x"),  # k/v (32 rows), gate/up (288) fold to bf16
     "Awq+GPTQ-W4BF16-g64": ("llama", {}, "bf16", "bm1684x", {"method": ["Awq", "GPTQ"]}),
+    "GPTQ-natural-order-refined-W4BF16-g64": ("llama", {}, "bf16", "bm1684x",  # 3 refine sweeps by default
+                                              {"method": "GPTQ", "special": {"actorder": False, "static_groups": False}}),
     "SignRound-W4BF16-g64": ("llama", {}, "bf16", "bm1684x", {"method": "SignRound", "special": {"iters": 20}}),
     "Awq+SignRound-W8BF16-g64": ("qwen2", {"bit": 8}, "bf16", "bm1684x",
                                  {"method": ["Awq", "SignRound"], "special": {"iters": 20}}),
@@ -67,6 +69,8 @@ def test_every_linear_of_the_checkpoint_matches(checkpoints, case):
     assert len(result.rows) == 14, table
     folded = sorted(r.name for r in result.rows if r.folded)
     assert folded == report.quantized["folded_to_float"], table
+    if "refined" in case:  # the codes verified are the refined ones
+        assert all(s.get("refine_sweeps") == 3 for b in report.method["blocks"] for s in b["gptq"])
     if case == "W4BF16-g32-folded":
         assert folded == sorted(f"model.layers.{i}.{n}" for i in range(2)
                                 for n in ("self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"))
