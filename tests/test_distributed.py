@@ -100,12 +100,17 @@ def test_processes_get_the_one_process_sum_bit_for_bit(world, tmp_path):
     assert not torch.equal(_sequential(list(values)), expected)  # the order matters for these values
 
 
+NATURAL_ORDER = {"actorder": False, "static_groups": False}  # with its default refine sweeps (rows per process)
+
+
 def _config(model: Path, calib: Path, save: Path, method: str) -> dict:
+    special = {"special": NATURAL_ORDER} if method == "GPTQ natural order" else {}
+    method = method.split()[0]
     return {
         "model": {"path": str(model)},
         "calib": {"name": "custom_txt", "path": str(calib), "n_samples": 16, "seq_len": 64, "bs": -1},
         "eval": {"eval_pos": []},
-        "quant": {"method": method, "quant_out": True},
+        "quant": {"method": method, "quant_out": True, **special},
         "save": {"save_path": str(save), **({"save_trans": True} if method == "Awq" else {})},
         "run": {"device": "cpu"},
     }
@@ -115,7 +120,7 @@ def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("method", ["GPTQ", "Awq"])
+@pytest.mark.parametrize("method", ["GPTQ", "GPTQ natural order", "Awq"])
 def test_torchrun_two_processes_write_the_one_process_outputs(method, tiny_llama, eval_txt, tmp_path):
     """``torchrun --nproc-per-node 2 tpu/llm_quant.py`` (gloo on the CPU) against one process: the same bytes."""
     folders = {}
@@ -130,9 +135,12 @@ def test_torchrun_two_processes_write_the_one_process_outputs(method, tiny_llama
         run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.count("outputs:") == 1  # one summary: rank 0's
-        calib = json.loads((save / "report.json").read_text())["data"]["calib"]
+        report = json.loads((save / "report.json").read_text())
+        calib = report["data"]["calib"]
+        if method == "GPTQ natural order":  # each process refined its rows
+            assert {s.get("refine_sweeps") for b in report["method"]["blocks"] for s in b["gptq"]} == {3}
         assert calib.get("samples_per_process", 16) == 16 // procs  # rank 0 held half of the samples
-        folders[procs] = save / ("gptq_tpu_model" if method == "GPTQ" else "transformed_model")
+        folders[procs] = save / ("gptq_tpu_model" if method.startswith("GPTQ") else "transformed_model")
     assert _digests(folders[1]) and _digests(folders[1]) == _digests(folders[2])
 
 
