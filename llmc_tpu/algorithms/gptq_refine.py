@@ -10,8 +10,9 @@ GPTQ chose them, so the result is a GPTQ checkpoint exactly as before, only with
 
 A sweep goes through the columns in natural order, a block at a time: inside a block every step updates the
 block's columns of ``e``; the other columns are brought up to date once per block with one matrix product
-(GPTQ's lazy updates). Rows do not interact, so each chunk of rows is refined on its own: a process that holds
-some whole chunks gets those rows of the one-process result bit for bit.
+(GPTQ's lazy updates). Rows do not interact: the products go one chunk of rows at a time, as in GPTQ's solve,
+and the rest is row by row, so a process that holds some whole chunks gets those rows of the one-process result
+bit for bit.
 """
 
 from __future__ import annotations
@@ -39,27 +40,36 @@ def default_sweeps(actorder: bool) -> int:
 def _column_steps(what: torch.Tensor, e: torch.Tensor, q: torch.Tensor, delta: torch.Tensor, z: torch.Tensor,
                   d: torch.Tensor, h: torch.Tensor, qmax: int) -> None:
     """Every column of one block, in order (float32 ``[n, B]`` buffers, ``h`` the block's ``[B, B]`` of H): move
-    each column's weights to the grid point nearest to their best value, update the block's ``e``, record the moves."""
+    each column's weights to the grid point nearest to their best value, update the block's ``e``, record the moves.
+    Worked on transposed copies, where a column is one contiguous row (the same arithmetic, element for element)."""
+    wt, et, qt, zt, dt = (t.t().contiguous() for t in (what, e, q, z, d))
+    moves = torch.empty_like(wt)
+    zero_scales = bool((dt <= 0).any())  # a zero scale has one grid point: its weights keep their code
     diag = h.diagonal()
-    for j in range(what.shape[1]):
-        target = what[:, j] + e[:, j] / diag[j]
-        x = target / d[:, j]
-        code = (round_half_away(x) + z[:, j]).clamp_(0, qmax)
-        code = torch.where(d[:, j] > 0, code, q[:, j])  # a zero scale has one grid point: keep it
-        new = (code - z[:, j]) * d[:, j]
-        moved = new - what[:, j]
-        e.addcmul_(moved[:, None], h[j:j + 1], value=-1)
-        delta[:, j] = moved
-        what[:, j] = new
-        q[:, j] = code
+    for j in range(wt.shape[0]):
+        target = wt[j] + et[j] / diag[j]
+        code = (round_half_away(target / dt[j]) + zt[j]).clamp_(0, qmax)
+        if zero_scales:
+            code = torch.where(dt[j] > 0, code, qt[j])
+        new = (code - zt[j]) * dt[j]
+        torch.sub(new, wt[j], out=moves[j])
+        et.addcmul_(h[j][:, None], moves[j][None, :], value=-1)
+        wt[j] = new
+        qt[j] = code
+    what.copy_(wt.t())
+    q.copy_(qt.t())
+    delta.copy_(moves.t())
 
 
 def _refine_rows(w: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor, deq: torch.Tensor, h: torch.Tensor,
-                 sweeps: int, blocksize: int, qmax: int) -> torch.Tensor:
-    """The refined codes (float32) of some rows; ``zero`` / ``deq`` per column."""
+                 sweeps: int, blocksize: int, qmax: int, bounds: list[slice]) -> torch.Tensor:
+    """The refined codes (float32); ``zero`` / ``deq`` per column. The matrix products go one chunk of rows at a
+    time (``bounds``), the column steps are elementwise per row: a row's result does not depend on the others."""
     q = codes.float()
     what = (q - zero) * deq
-    e = (w - what) @ h
+    e = torch.empty_like(w)
+    for r in bounds:
+        e[r] = (w[r] - what[r]) @ h
     k = w.shape[1]
     use_kernel = gptq_kernel.available(w.device)
     for _ in range(sweeps):
@@ -74,7 +84,8 @@ def _refine_rows(w: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor, deq: 
             else:
                 _column_steps(*parts[:3], delta, *parts[3:], hb[:, block], qmax)
             what[:, block], q[:, block] = parts[0], parts[2]
-            e.sub_(delta @ hb)
+            for r in bounds:
+                e[r].sub_(delta[r] @ hb)
     return q
 
 
@@ -84,7 +95,8 @@ def refine_codes(result: GptqResult, w: torch.Tensor, hessian: torch.Tensor, swe
     """``result`` (``gptq_quantize`` of ``w`` ``[N, K]`` with ``hessian``) after ``sweeps`` sweeps of coordinate
     descent on its codes, with the damping the solve used; scales and zeros unchanged.
 
-    ``row_chunks``: as in ``gptq_quantize`` (each chunk of rows is refined on its own)."""
+    ``row_chunks``: as in ``gptq_quantize`` (the sizes of the row chunks the matrix products take one at a time; the
+    rest is row by row, so a call on some whole chunks gives those rows of the call on all of them, bit for bit)."""
     if sweeps <= 0:
         return result
     W = w.detach().float().to(result.codes.device)
@@ -99,8 +111,5 @@ def refine_codes(result: GptqResult, w: torch.Tensor, hessian: torch.Tensor, swe
     diag.add_(result.percdamp * float(diag.mean()))
     deq = result.scale.to(result.fmt.torch_scale_dtype).float().repeat_interleave(g, dim=1)
     zero = result.zero.float().repeat_interleave(g, dim=1)
-    codes = torch.empty_like(result.codes)
-    for rows in bounds:
-        refined = _refine_rows(W[rows], result.codes[rows], zero[rows], deq[rows], H, sweeps, blocksize, result.fmt.qmax)
-        codes[rows] = refined.to(codes.dtype)
-    return dataclasses.replace(result, codes=codes)
+    refined = _refine_rows(W, result.codes, zero, deq, H, sweeps, blocksize, result.fmt.qmax, bounds)
+    return dataclasses.replace(result, codes=refined.to(result.codes.dtype))
