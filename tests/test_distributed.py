@@ -61,6 +61,43 @@ def test_one_process_sums_parts_then_pairs():
         assert torch.equal(acc.result(), level[0])
 
 
+def _group_sums(values: torch.Tensor, per_product: int, product) -> torch.Tensor:
+    """``add_samples``'s order, re-derived: per part, ``product`` of ``per_product`` samples at a time from the part's
+    start, added in order; then the parts pairwise up the tree."""
+    level = []
+    for part in parts(values.shape[0]):
+        groups = [values[a:min(a + per_product, part.stop)] for a in range(part.start, part.stop, per_product)]
+        level.append(_sequential([product(grp) for grp in groups]) if groups else None)
+    while len(level) > 1:
+        level = [a if b is None else b if a is None else a + b for a, b in zip(level[::2], level[1::2])]
+    return level[0]
+
+
+def _gram_product(rows: torch.Tensor) -> torch.Tensor:
+    flat = rows.reshape(-1, rows.shape[-1])
+    return flat.T @ flat
+
+
+@pytest.mark.parametrize("per_product", [1, 3, 8])
+def test_grouped_products_do_not_depend_on_the_batches(per_product):
+    """``add_samples`` sums one product per group of samples counted from each part's start: the re-derived order,
+    bit for bit, whatever batches the samples come in (a batch may end inside a group: its samples wait)."""
+    g = torch.Generator().manual_seed(5)
+    n = 37
+    scales = 10.0 ** torch.randint(-3, 4, (n, 1, 1), generator=g)
+    values = torch.randn(n, 6, 12, generator=g) * scales
+    expected = _group_sums(values, per_product, _gram_product)
+    for size in (1, 2, 5, n):
+        acc = OrderedSum(Shard(n), (12, 12), torch.float32, "cpu")
+        for r in micro_batches(n, size):
+            acc.add_samples(values[r.start:r.stop], _gram_product, per_product)
+        assert torch.equal(acc.result(), expected), size
+    unfinished = OrderedSum(Shard(n), (12, 12), torch.float32, "cpu")
+    unfinished.add_samples(values[:1], _gram_product, 2)
+    with pytest.raises(RuntimeError, match="lacks samples"):
+        unfinished.result()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,9 +112,14 @@ def _ordered_sum_worker(rank: int, world: int, port: int, values: torch.Tensor, 
         for i in shard.mine:
             acc.slot().add_(values[i])
         total = acc.result()
+        grouped = OrderedSum(shard, (values.shape[-1],) * 2, values.dtype, "cpu")
+        for r in micro_batches(values.shape[0], 2):
+            if r.start in shard.mine:
+                grouped.add_samples(values[r.start:r.stop], _gram_product, 3)
+        grouped_total = grouped.result()
         rows = shard.gather(values[shard.mine.start:shard.mine.stop, 0])
         if rank == 0:
-            torch.save({"total": total, "rows": rows}, out)
+            torch.save({"total": total, "grouped": grouped_total, "rows": rows}, out)
     finally:
         dist.destroy_process_group()
 
@@ -96,6 +138,7 @@ def test_processes_get_the_one_process_sum_bit_for_bit(world, tmp_path):
     mp.spawn(_ordered_sum_worker, args=(world, _free_port(), values, str(out)), nprocs=world, join=True)
     got = torch.load(out)
     assert torch.equal(got["total"], expected)
+    assert torch.equal(got["grouped"], _group_sums(values, 3, _gram_product))  # add_samples: the same, bit for bit
     assert torch.equal(got["rows"], values[:, 0])  # gathered in sample order
     assert not torch.equal(_sequential(list(values)), expected)  # the order matters for these values
 

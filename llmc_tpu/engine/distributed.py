@@ -9,7 +9,8 @@ What the methods compute from the samples (GPTQ's Hessians, AWQ's activation mea
 is a sum over samples. Floating-point sums depend on their order, and GPTQ turns a difference in the last bit
 of ``H`` into different codes, so every sum here is taken in one fixed order that does not depend on ``N``:
 
-- large statistics (a Hessian per sample would not fit): ``OrderedSum``, each part summed sample by sample, then
+- large statistics (a Hessian per sample would not fit): ``OrderedSum``, each part summed sample by sample (or
+  group of samples by group, ``add_samples``), then
   the parts added pairwise up a binary tree (``((p0 + p1) + (p2 + p3)) + ...``); a process sums the parts it
   holds up to its own subtree, the processes' subtrees are exchanged and added up the rest of the tree.
 - small ones (a loss, a vector per sample): ``Shard.gather`` hands every process all the per-sample rows in
@@ -244,8 +245,10 @@ class OrderedSum:
         self.acc: torch.Tensor | None = None
         self.nodes: dict[tuple[int, int], torch.Tensor] = {}
         self.loose: torch.Tensor | None = None
+        self.held: list[torch.Tensor] = []  # add_samples: the samples of the group not yet complete
 
     def slot(self, per_sample: bool = True) -> torch.Tensor:
+        """The accumulator to add the next sample into (see the class doc)."""
         if not per_sample:
             if self.shard.ranks.world > 1:
                 raise DistributedError("inputs that are not one row per calibration sample (an MoE expert's routed "
@@ -262,6 +265,36 @@ class OrderedSum:
             self.part, self.acc = part, torch.zeros(self.shape, dtype=self.dtype, device=self.device)
         return self.acc
 
+    def add_samples(self, x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], per_product: int) -> None:
+        """Add the next samples ``x`` (``[samples, ...]``) as ``product(rows)`` of ``per_product`` samples at a time.
+
+        The groups are counted from the start of each part (the last one of a part may be shorter) and their samples
+        are concatenated across the batches they came in, held until the group is complete: one large product (a
+        Gram matrix over thousands of tokens) instead of one per sample, and the same bits however the samples were
+        batched. Within a part the groups' products are added in order. Not to be mixed with ``slot()`` in one sum.
+        """
+        start = 0
+        while start < x.shape[0]:
+            if self.next >= self.shard.mine.stop:
+                raise IndexError(f"more samples than this process holds ({len(self.shard.mine)})")
+            part_index = self.shard.part_of(self.next)
+            part = parts(self.shard.n)[part_index]
+            group_end = min(part.stop, self.next + per_product - (self.next - part.start) % per_product)
+            take = min(x.shape[0] - start, group_end - self.next)
+            self.held.append(x[start:start + take])
+            start += take
+            self.next += take
+            if self.next < group_end:
+                continue
+            rows = self.held[0] if len(self.held) == 1 else torch.cat(self.held)
+            self.held = []
+            value = product(rows)
+            if part_index != self.part:  # the part's first group: its product is the part's sum so far
+                self._close()
+                self.part, self.acc = part_index, value
+            else:
+                self.acc.add_(value)
+
     def _fetch(self, node: torch.Tensor) -> torch.Tensor:
         return _unpark(node, self.device)
 
@@ -273,6 +306,8 @@ class OrderedSum:
                 self.nodes[key] = _park(self.nodes[key])
 
     def result(self) -> torch.Tensor:
+        if self.held:
+            raise RuntimeError(f"add_samples: the last group lacks samples ({sum(len(h) for h in self.held)} held)")
         self._close()
         level, index = self.shard.subtree
         mine = _fold(self.nodes, level, index, self._fetch)
@@ -301,6 +336,10 @@ class RunningSum:
 
     def slot(self, per_sample: bool = True) -> torch.Tensor:
         return self.total
+
+    def add_samples(self, x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor], per_product: int) -> None:
+        """One product per batch, added to the total (no order to keep, so no group to complete)."""
+        self.total.add_(product(x))
 
     def result(self) -> torch.Tensor:
         return self.total
