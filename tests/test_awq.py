@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_model
 
-from llmc_tpu.algorithms.awq import ClipSearch, apply_clip, group_grams, search_clip
+from llmc_tpu.algorithms.awq import ClipSearch, apply_clip, group_gram, search_clip
 from llmc_tpu.algorithms.awq_kernel import sample_squared_errors
 from llmc_tpu.config import parse_config
 from llmc_tpu.engine.blockwise import blocks_of, capture_block_inputs
@@ -84,10 +84,41 @@ def test_gram_error_equals_per_token_sum():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(50, 128, generator=g)
     d = torch.randn(8, 128, generator=g)
-    (gram,) = group_grams(x, 64, 128)  # a 2-D input is one sequence: one [G, g, g] sum
+    gram = group_gram(x, 64)
     via_gram = torch.einsum("ngi,gij,ngj->ng", d.view(8, 2, 64), gram, d.view(8, 2, 64))
     explicit = torch.stack([((x[:, gi * 64:(gi + 1) * 64] @ d[:, gi * 64:(gi + 1) * 64].T) ** 2).sum(0) for gi in range(2)], 1)
     assert torch.allclose(via_gram, explicit, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the bf16 products with float32 results run on CUDA only"))])
+def test_grams_are_the_float64_sums_over_every_row(device):
+    """``gram`` and ``group_gram`` of bf16 rows ``[samples, seq, K]`` equal float64 sums to float32 rounding (on CUDA
+    the products run in bf16 with float32 results: exact products, float32 sums)."""
+    from llmc_tpu.algorithms.awq import gram
+
+    g = torch.Generator().manual_seed(6)
+    x = (torch.randn(3, 40, 128, generator=g) * torch.rand(128, generator=g) * 3).to(torch.bfloat16)
+    rows = x.reshape(-1, 128).double()
+    full = gram(x.to(device))
+    assert full.dtype == torch.float32 and torch.allclose(full.cpu().double(), rows.T @ rows, rtol=1e-5, atol=1e-3)
+    grouped = group_gram(x.to(device), 32)
+    assert grouped.shape == (4, 32, 32)
+    for j in range(4):
+        block = rows[:, 32 * j:32 * (j + 1)]
+        assert torch.allclose(grouped[j].cpu().double(), block.T @ block, rtol=1e-5, atol=1e-3)
+
+
+def test_clip_search_does_not_depend_on_its_row_chunks():
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(40, 128, generator=g) * 0.02
+    w[:, 9] *= 10
+    gram = group_gram(torch.randn(300, 128, generator=g), 64)
+    quantize = tpu_quantizer(TpuWeightFormat(4, 64, False))
+    whole = search_clip(w, gram, quantize, symmetric=False)
+    for rows in (1, 7):
+        chunked = search_clip(w, gram, quantize, symmetric=False, row_chunk=rows)
+        assert torch.equal(chunked.factor, whole.factor) and chunked.err_after == pytest.approx(whole.err_after, rel=1e-6)
 
 
 @pytest.mark.parametrize("sym", [True, False])
@@ -98,7 +129,7 @@ def test_clip_search_never_worse_and_scored_with_tpu_grid(sym):
     x = torch.randn(256, 128, generator=g)
     fmt = TpuWeightFormat(4, 64, False)
     quantize = tpu_quantizer(fmt)
-    (gram,) = group_grams(x, 64, 128)  # a 2-D input is one sequence: one [G, g, g] sum
+    gram = group_gram(x, 64)
     clip = search_clip(w, gram, quantize, symmetric=sym)
     assert clip.err_after <= clip.err_before and clip.err_after < 0.95 * clip.err_before
     clipped = apply_clip(w, clip)

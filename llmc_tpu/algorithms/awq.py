@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -87,14 +87,31 @@ def read_losses(losses: list[Loss]) -> list[float]:
     return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in losses]
 
 
-def group_grams(x: torch.Tensor, group_size: int, k: int) -> Iterator[torch.Tensor]:
-    """Per-group Gram matrices ``[G, g, g]`` of the inputs (float32), one per sequence of ``x`` (``[..., seq, K]``;
-    a 2-D input, e.g. an MoE expert's routed rows, gives one)."""
+def _exact_products(x: torch.Tensor) -> bool:
+    """Whether products of ``x`` with itself may run in bf16/f16 with float32 results: on CUDA, where such a product
+    of two bf16/f16 values is exact in float32 and the sums are float32 (as for float32 inputs, in another order)."""
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """``sum_t x_t x_t^T`` over every row of ``x`` (``[..., K]``), float32, in one matrix product."""
+    rows = x.reshape(-1, x.shape[-1])
+    if _exact_products(rows):
+        return torch.mm(rows.T, rows, out_dtype=torch.float32)
+    rows = rows.float()
+    return rows.T @ rows
+
+
+def group_gram(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group Gram matrices ``[G, g, g]`` (float32) over every row of ``x`` (``[..., K]``), in one batched product:
+    group ``j`` of ``K / g`` takes input channels ``j*g .. (j+1)*g``."""
+    k = x.shape[-1]
     g = group_size if group_size > 0 else k
-    seqs = x.reshape(-1, x.shape[-2], k) if x.dim() >= 3 else x.reshape(1, -1, k)
-    for seq in seqs:
-        xg = seq.reshape(-1, k // g, g).float()
-        yield torch.einsum("tgi,tgj->gij", xg, xg)
+    groups = x.reshape(-1, k // g, g).transpose(0, 1)  # [G, rows, g]
+    if _exact_products(groups):
+        return torch.bmm(groups.transpose(1, 2), groups, out_dtype=torch.float32)
+    groups = groups.float()
+    return torch.bmm(groups.transpose(1, 2), groups)
 
 
 @dataclass
@@ -106,11 +123,16 @@ class ClipSearch:
     err_after: float
 
 
+CLIP_CHUNK_ELEMENTS = 1 << 26  # weight elements scored at once by the clip search (256 MB per float32 temporary)
+
+
 @torch.no_grad()
 def search_clip(w: torch.Tensor, gram: torch.Tensor, quantize: Quantizer, symmetric: bool,
-                n_grid: int = 20, max_shrink: float = 0.5, row_chunk: int = 1024) -> ClipSearch:
-    """Per (row, group) shrink factor minimizing the output error of ``quantize(clamp(W))``."""
+                n_grid: int = 20, max_shrink: float = 0.5, row_chunk: int | None = None) -> ClipSearch:
+    """Per (row, group) shrink factor minimizing the output error of ``quantize(clamp(W))``; ``row_chunk`` rows
+    scored at a time (default: as many as make ``CLIP_CHUNK_ELEMENTS``)."""
     n, k = w.shape
+    row_chunk = row_chunk or max(1, CLIP_CHUNK_ELEMENTS // k)
     n_groups, g, _ = gram.shape
     wf = w.float()
     wg = wf.view(n, n_groups, g)
@@ -129,8 +151,8 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, quantize: Quantizer, symmet
         diff = quantize(clipped) - wf  # the whole matrix: TPU-MLIR's NPU rule depends on the row count
         err = torch.empty(n, n_groups, device=w.device)
         for r in range(0, n, row_chunk):
-            d = diff[r:r + row_chunk].view(-1, n_groups, g)
-            err[r:r + row_chunk] = torch.einsum("ngi,gij,ngj->ng", d, gram, d)
+            d = diff[r:r + row_chunk].view(-1, n_groups, g).transpose(0, 1)  # [G, rows, g]
+            err[r:r + row_chunk] = (torch.bmm(d, gram) * d).sum(dim=2).T  # d^T H_g d per (row, group)
         if err_before is None:
             err_before = err.sum()  # read at the end with the result: no wait for the device in between
         better = err < best_err

@@ -18,15 +18,15 @@ from torch import nn
 from llmc_tpu.algorithms.awq import (
     activation_abs_sums,
     apply_clip,
-    group_grams,
+    gram,
+    group_gram,
     search_clip,
     search_scale,
     weight_mean,
 )
 from llmc_tpu.algorithms.awq_kernel import sample_squared_errors
-from llmc_tpu.algorithms.gptq import Hessian
 from llmc_tpu.engine.blockwise import BlockInput, move
-from llmc_tpu.engine.distributed import Shard, sample_sum
+from llmc_tpu.engine.distributed import OrderedSum, RunningSum, Shard, sample_sum
 from llmc_tpu.engine.tf32 import tf32_matmuls
 from llmc_tpu.methods.base import BlockContext, Method
 from llmc_tpu.models.registry import Subset, part_rows
@@ -130,11 +130,23 @@ def input_grams(block: nn.Module, names: list[str], inputs: list[BlockInput], de
         g = group_size if group_size > 0 else k
         if name not in sums:
             sums[name] = sample_sum(shard, (k // g, g, g), torch.float32, x.device)
-        for part in group_grams(x, group_size, k):
-            sums[name].slot(x.dim() >= 3).add_(part)  # a 2-D input (an MoE expert's rows) is not one sample
+        add_products(sums[name], x, partial(group_gram, group_size=group_size))
 
     record_calls(block, names, inputs, device, add)
     return {n: sums[n].result() if n in sums else None for n in names}
+
+
+PRODUCT_TOKENS = 8192  # calibration tokens per Gram product: enough rows to keep the device's matrix units busy
+
+
+def add_products(acc: OrderedSum | RunningSum, x: torch.Tensor, product: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Add ``product`` of the inputs ``x`` to a sum over the calibration samples: of ``PRODUCT_TOKENS / seq`` samples
+    at a time (``OrderedSum.add_samples``: the same bits however the samples were batched), or, for a 2-D input (an
+    MoE expert's routed rows, not whole samples), of the rows as they come."""
+    if x.dim() >= 3:
+        acc.add_samples(x, product, max(1, PRODUCT_TOKENS // x.shape[-2]))
+    else:
+        acc.slot(False).add_(product(x))
 
 
 @dataclass
@@ -292,20 +304,19 @@ def _gram_loss(w: torch.Tensor, calls: list[Call], tokens: int, smap: ScaleMap, 
                shard: Shard | None) -> Callable[[torch.Tensor], torch.Tensor]:
     """``_output_loss`` of one Linear (see ``gram_loss_applies``): ``sum((E @ G) * E)`` over the elements of its
     outputs (``tokens`` of every process), ``E`` the fake-quantized weight under a candidate scale minus the float
-    one (float32, TF32 products). ``G`` is summed as GPTQ sums its Hessians (unscaled, no token clip): in the
-    samples' fixed order over every process, bf16/f16 inputs in TF32 on CUDA (exact there)."""
-    inputs = Hessian(w.shape[1], calls[0].x.device, token_clip=0.0, shard=shard)  # sum x x^T, every token kept
+    one (float32, TF32 products). ``G`` (unscaled, every token) is summed in the samples' fixed order over every
+    process, thousands of tokens per product (``add_products``); bf16/f16 inputs are multiplied exactly on CUDA."""
+    acc = sample_sum(shard, (w.shape[1], w.shape[1]), torch.float32, calls[0].x.device)
     for call in calls:
-        inputs.add(call.x)
-    inputs.finish()
-    gram = inputs.sum
+        add_products(acc, call.x, gram)
+    input_gram = acc.result()
     n_elems = tokens * w.shape[0]
     wf = w.float()
 
     def loss_fn(s: torch.Tensor) -> torch.Tensor:
         e = scaled_fake_quantize(w, smap.expand(s), fmt).float() - wf
         with tf32_matmuls():
-            return ((e @ gram) * e).sum().double() / n_elems
+            return ((e @ input_gram) * e).sum().double() / n_elems
 
     return loss_fn
 
