@@ -44,6 +44,10 @@ def test_rtn_end_to_end(family, tmp_path, eval_txt):
     assert data["config"]["run"]["chip"] == "bm1684x" and data["config"]["quant"]["weight"]["group_size"] == 64
     assert "llm_convert.py -m" in data["next_steps"][0] and "-q w4bf16 -g 64 -c bm1684x" in data["next_steps"][0]
     assert report.ppl == data["ppl"]
+    # "total" is the process's age at the report: at least the stages outside one another
+    times = data["timings_s"]
+    outer = ["startup", "load", "quantize", "save", "eval pretrain", "eval transformed", "eval fake_quant"]
+    assert times["total"] >= sum(times[k] for k in outer) > 0 and "total" in report.summary()
     # peak memory after each stage: a running peak, never above the process's own count taken after the run
     import resource
     peaks = data["peak_memory_gib"]
