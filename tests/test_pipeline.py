@@ -245,3 +245,13 @@ def test_fake_quant_ppl_is_the_same_without_a_fake_quant_model(tmp_path, tiny_ll
         cfg["save"]["save_fake"] = save_fake
         ppl[save_fake] = Quantizer(parse_config(cfg), progress=False).run().ppl["fake_quant"]
     assert ppl[False] == ppl[True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's start overlaps the model's load on CUDA only")
+def test_cuda_starts_in_a_thread_while_the_model_loads():
+    from llmc_tpu.pipeline import start_device
+
+    assert start_device(torch.device("cpu")) is None
+    thread = start_device(torch.device("cuda"))
+    thread.join()
+    assert torch.cuda.is_initialized()
