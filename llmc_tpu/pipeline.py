@@ -7,6 +7,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +18,7 @@ from tqdm.auto import tqdm
 from llmc_tpu import vlm_quant
 from llmc_tpu.config.load import tpu_format
 from llmc_tpu.config.schema import RunConfig, chooses_codes
+from llmc_tpu.data.calib import calibration_batches
 from llmc_tpu.data.text import DataError, eval_text
 from llmc_tpu.engine.blockwise import BlockInput, blocks_of, capture_block_inputs, host_tensors, put_back, run_block
 from llmc_tpu.engine.distributed import (
@@ -190,6 +192,7 @@ class Quantizer:
         self.memory_cap: int | None = None  # run.device_memory_gib in bytes, once the device is known
         self.quant_counts: dict = {"names": [], "float_rows": 0, "partly": [], "folded": []}
         self.early: EarlyShards | None = None  # transformed_model's shards, written as their blocks finish
+        self.calibration_tokens: tuple[list[torch.Tensor], dict] | None = None  # calibration_batches, made during the load
 
     def _bar(self, iterable, **kwargs):
         return tqdm(iterable, disable=not self.progress, leave=False, **kwargs)
@@ -300,8 +303,20 @@ class Quantizer:
         cfg = self.cfg
         self.device = pick_device(cfg.run.device, self.ranks)
         starting = start_device(self.device)
-        loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype, cfg.model.tokenizer_mode,
-                            cfg.model.trust_remote_code, cfg.calib.min_pixels, cfg.calib.max_pixels)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmc_tpu-calibration") as pool:
+            tokenizing: list[Future] = []
+
+            def tokenize_calibration(tokenizer, spec: ModelSpec) -> None:
+                # the calibration text's tokens while the model loads: the tokenizer's work runs outside the
+                # interpreter's lock, the load's imports inside it. Joined before anything else uses the tokenizer.
+                if needs_calibration(cfg.quant.method) and cfg.calib.name not in (None, "custom_mm") and not spec.vision:
+                    tokenizing.append(pool.submit(calibration_batches, cfg.calib, tokenizer))
+
+            loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype, cfg.model.tokenizer_mode,
+                                cfg.model.trust_remote_code, cfg.calib.min_pixels, cfg.calib.max_pixels,
+                                on_tokenizer=tokenize_calibration)
+            if tokenizing:
+                self.calibration_tokens = tokenizing[0].result()
         if starting is not None:
             starting.join()
         init_process_group(self.ranks, self.device)
@@ -471,13 +486,12 @@ class Quantizer:
             self.early.block_done(index, model)
 
     def _calibration_inputs(self, loaded: LoadedModel) -> list[BlockInput]:
-        from llmc_tpu.data.calib import calibration_batches
-
         with self.timer("calibration data"):
             if self.cfg.calib.name == "custom_mm":  # images + text through the VLM's processor
                 batches, info = vlm_quant.calibration_batches(self.cfg.calib, loaded.processor)
             else:
-                batches, info = calibration_batches(self.cfg.calib, loaded.tokenizer)
+                tokens, self.calibration_tokens = self.calibration_tokens, None  # tokenized while the model loaded
+                batches, info = tokens or calibration_batches(self.cfg.calib, loaded.tokenizer)
                 samples = torch.cat(batches)
                 n = samples.shape[0]
                 size = self.cfg.calib.bs

@@ -255,3 +255,49 @@ def test_cuda_starts_in_a_thread_while_the_model_loads():
     thread = start_device(torch.device("cuda"))
     thread.join()
     assert torch.cuda.is_initialized()
+
+
+def test_load_model_hands_over_the_tokenizer_before_the_model(tiny_llama, monkeypatch):
+    import transformers
+
+    from llmc_tpu.models.loading import load_model
+
+    events = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: events.append("model") or real(*a, **k))
+    loaded = load_model(str(tiny_llama), on_tokenizer=lambda tok, spec: events.append(("tokenizer", spec.model_type)))
+    assert events == [("tokenizer", "llama"), "model"]
+    assert loaded.tokenizer is not None
+
+
+def test_calibration_is_tokenized_in_a_thread_while_the_model_loads(tmp_path, tiny_llama, eval_txt, monkeypatch):
+    """The calibration windows are tokenized once, on the calibration thread, and are the windows a plain call
+    builds (the report's description and the run's result are those of the same samples)."""
+    import threading
+
+    import llmc_tpu.pipeline as pipeline
+    from llmc_tpu.data.calib import calibration_batches
+
+    calls = []
+
+    def spy(calib, tokenizer):
+        calls.append(threading.current_thread().name)
+        return calibration_batches(calib, tokenizer)
+
+    monkeypatch.setattr(pipeline, "calibration_batches", spy)
+    cfg = config(tiny_llama, eval_txt, tmp_path / "out")
+    cfg["quant"]["method"] = "GPTQ"
+    cfg["calib"] = {"name": "custom_txt", "path": str(eval_txt), "n_samples": 4, "seq_len": 32}
+    cfg["eval"]["eval_pos"] = []
+    report = Quantizer(parse_config(cfg), progress=False).run()
+    assert len(calls) == 1 and calls[0].startswith("llmc_tpu-calibration")
+    batches, info = calibration_batches(parse_config(cfg).calib, load_tokenizer(tiny_llama))
+    assert report.data["calib"]["source_tokens"] == info["source_tokens"]
+    assert report.data["calib"]["n_samples"] == sum(b.shape[0] for b in batches) == 4
+
+
+def load_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,14 @@ def check_remote_code(folder: Path, spec: ModelSpec, trust_remote_code: bool) ->
 
 def load_model(path_or_id: str, declared_type: str | None = None, torch_dtype: str = "auto",
                tokenizer_mode: str = "fast", trust_remote_code: bool = False, min_pixels: int | None = None,
-               max_pixels: int | None = None) -> LoadedModel:
-    """Load on the CPU from safetensors (never unpickled weights); a VLM with its processor (image size limits)."""
+               max_pixels: int | None = None, on_tokenizer: Callable[[Any, ModelSpec], None] | None = None,
+               ) -> LoadedModel:
+    """Load on the CPU from safetensors (never unpickled weights); a VLM with its processor (image size limits).
+
+    The tokenizer is loaded first: ``on_tokenizer(tokenizer, spec)`` is called with it before the model is built,
+    so that the caller can tokenize in a thread while the model loads (mostly imports, which hold the interpreter;
+    the tokenizer's own work does not). Only a VLM's processor reads the tokenizer here after that.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     folder = resolve_model_path(path_or_id)
@@ -128,6 +135,9 @@ def load_model(path_or_id: str, declared_type: str | None = None, torch_dtype: s
     if not any(folder.glob("*.safetensors")):
         raise ModelLoadError(f"{folder}: no *.safetensors weights (pickled .bin weights are not loaded, for safety)")
     check_remote_code(folder, spec, trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=tokenizer_mode == "fast", trust_remote_code=trust_remote_code)
+    if on_tokenizer is not None:
+        on_tokenizer(tokenizer, spec)
     dtype = "auto" if torch_dtype == "auto" else getattr(torch, torch_dtype)
     auto_class = AutoModelForImageTextToText if spec.vision else AutoModelForCausalLM
     model = auto_class.from_pretrained(
@@ -136,7 +146,6 @@ def load_model(path_or_id: str, declared_type: str | None = None, torch_dtype: s
     model.eval()
     model.config.use_cache = False
     unfuse_experts(model, spec)  # MoE: one Linear per expert (saved back in transformers' layout)
-    tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=tokenizer_mode == "fast", trust_remote_code=trust_remote_code)
     processor = None
     if spec.vision:
         from llmc_tpu.models.vlm import VlmError, load_processor
