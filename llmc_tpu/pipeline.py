@@ -309,7 +309,9 @@ class Quantizer:
             def tokenize_calibration(tokenizer, spec: ModelSpec) -> None:
                 # the calibration text's tokens while the model loads: the tokenizer's work runs outside the
                 # interpreter's lock, the load's imports inside it. Joined before anything else uses the tokenizer.
-                if needs_calibration(cfg.quant.method) and cfg.calib.name not in (None, "custom_mm") and not spec.vision:
+                # Text files only: a saved dataset would import `datasets` in this thread while the load imports
+                # transformers in the other.
+                if needs_calibration(cfg.quant.method) and cfg.calib.name == "custom_txt" and not spec.vision:
                     tokenizing.append(pool.submit(calibration_batches, cfg.calib, tokenizer))
 
             loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype, cfg.model.tokenizer_mode,
