@@ -304,21 +304,22 @@ class Quantizer:
         self.device = pick_device(cfg.run.device, self.ranks)
         starting = start_device(self.device)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmc_tpu-calibration") as pool:
-            tokenizing: list[Future] = []
+            tokenizing: Future | None = None
 
             def tokenize_calibration(tokenizer, spec: ModelSpec) -> None:
                 # the calibration text's tokens while the model loads: the tokenizer's work runs outside the
                 # interpreter's lock, the load's imports inside it. Joined before anything else uses the tokenizer.
                 # Text files only: a saved dataset would import `datasets` in this thread while the load imports
                 # transformers in the other.
+                nonlocal tokenizing
                 if needs_calibration(cfg.quant.method) and cfg.calib.name == "custom_txt" and not spec.vision:
-                    tokenizing.append(pool.submit(calibration_batches, cfg.calib, tokenizer))
+                    tokenizing = pool.submit(calibration_batches, cfg.calib, tokenizer)
 
             loaded = load_model(cfg.model.path, cfg.model.type, cfg.model.torch_dtype, cfg.model.tokenizer_mode,
                                 cfg.model.trust_remote_code, cfg.calib.min_pixels, cfg.calib.max_pixels,
                                 on_tokenizer=tokenize_calibration)
-            if tokenizing:
-                self.calibration_tokens = tokenizing[0].result()
+            if tokenizing is not None:
+                self.calibration_tokens = tokenizing.result()
         if starting is not None:
             starting.join()
         init_process_group(self.ranks, self.device)

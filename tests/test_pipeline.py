@@ -272,9 +272,11 @@ def test_load_model_hands_over_the_tokenizer_before_the_model(tiny_llama, monkey
 
 
 def test_calibration_is_tokenized_in_a_thread_while_the_model_loads(tmp_path, tiny_llama, eval_txt, monkeypatch):
-    """The calibration windows are tokenized once, on the calibration thread, and are the windows a plain call
-    builds (the report's description and the run's result are those of the same samples)."""
+    """The calibration windows are tokenized once, on the calibration thread, and the report describes the samples
+    a plain call builds."""
     import threading
+
+    from transformers import AutoTokenizer
 
     import llmc_tpu.pipeline as pipeline
     from llmc_tpu.data.calib import calibration_batches
@@ -292,12 +294,6 @@ def test_calibration_is_tokenized_in_a_thread_while_the_model_loads(tmp_path, ti
     cfg["eval"]["eval_pos"] = []
     report = Quantizer(parse_config(cfg), progress=False).run()
     assert len(calls) == 1 and calls[0].startswith("llmc_tpu-calibration")
-    batches, info = calibration_batches(parse_config(cfg).calib, load_tokenizer(tiny_llama))
+    batches, info = calibration_batches(parse_config(cfg).calib, AutoTokenizer.from_pretrained(tiny_llama))
     assert report.data["calib"]["source_tokens"] == info["source_tokens"]
     assert report.data["calib"]["n_samples"] == sum(b.shape[0] for b in batches) == 4
-
-
-def load_tokenizer(folder):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder)
