@@ -192,6 +192,7 @@ class Quantizer:
         self.memory_cap: int | None = None  # run.device_memory_gib in bytes, once the device is known
         self.quant_counts: dict = {"names": [], "float_rows": 0, "partly": [], "folded": []}
         self.early: EarlyShards | None = None  # transformed_model's shards, written as their blocks finish
+        self.weights_checkpointed = False  # the method changes weights: blocks are checkpointed with their weights
         self.calibration_tokens: tuple[list[torch.Tensor], dict] | None = None  # calibration_batches, made during the load
 
     def _bar(self, iterable, **kwargs):
@@ -357,6 +358,7 @@ class Quantizer:
     def quantize(self, loaded: LoadedModel) -> QuantResults:
         """Transform (method) and quantize (TPU RTN) each block in turn, one block on the device at a time."""
         method: Method = build_method(self.cfg.quant.method, self.cfg.quant.special)
+        self.weights_checkpointed = method.changes_weights
         model, spec = loaded.model, loaded.spec
         inputs = self._calibration_inputs(loaded) if method.needs_calibration else None
         results: QuantResults = {}
@@ -484,9 +486,15 @@ class Quantizer:
 
     def _block_final(self, index: int, model: torch.nn.Module) -> None:
         """A block's weights are final and read from its checkpoint: the transformed model's shards that are now
-        complete are written in the background."""
+        complete are written in the background, and the blocks whose weights have all landed in written shards are
+        read from those instead, their checkpoint's weights file removed in the background (each weight written once
+        and removed during the run, not at its end)."""
         if self.early is not None:
             self.early.block_done(index, model)
+            if self.weights_checkpointed:
+                for block, where in self.early.rebind_landed(model).items():
+                    self.ckpt.weights_moved(block, {key: (f"{self.early.dest.name}/{file}", name)
+                                                    for key, (file, name) in where.items()})
 
     def _calibration_inputs(self, loaded: LoadedModel) -> list[BlockInput]:
         with self.timer("calibration data"):

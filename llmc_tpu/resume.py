@@ -8,6 +8,10 @@ resumed run restores the finished blocks, recomputes the next block's inputs by 
 restored blocks (deterministic), and goes on: its outputs are bit-identical to an uninterrupted
 run's. The files of a block are written by a background thread while the next block runs (its
 tensors are copied to host memory first); ``wait()`` returns once every write has landed.
+
+Where the transformed model's shards are written as the blocks finish, a block whose weights have all landed in
+them is read from there: ``weights_moved`` records where each weight is (``state.json``), then removes the
+block's weights file in the background. A resumed run first writes such blocks' files again from those shards.
 """
 
 from __future__ import annotations
@@ -64,6 +68,28 @@ class Checkpoints:
             self.state = {"fingerprint": self.fp, "done_blocks": 0, "evals": {}, "block_reports": []}
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmc_tpu-checkpoint")
         self._pending: Future | None = None
+        self._remover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmc_tpu-checkpoint-remove")
+        self._moves: list[Future] = []
+        self._write_back_moved()
+
+    def _write_back_moved(self) -> None:
+        """An interrupted run's blocks whose weights it had moved to the output's shards get their own files back
+        (the shards are rewritten, or removed, by the resumed run)."""
+        moved = self.state.get("moved_weights", {})
+        for index, where in sorted(moved.items(), key=lambda kv: int(kv[0])):
+            files: dict[str, dict[str, torch.Tensor]] = {}
+            tensors = {}
+            for key, (relpath, name) in where.items():
+                path = self.folder.parent / relpath
+                if not path.is_file():
+                    raise ResumeError(f"block {index}'s weights were in {path}, which is gone; delete "
+                                      f"{self.folder.parent} and run again without --resume")
+                if relpath not in files:
+                    files[relpath] = load_file(str(path))
+                tensors[key] = files[relpath][name]
+            save_file(tensors, str(self.folder / f"block_{index}.safetensors"))
+            del moved[index]
+            self._commit()
 
     @property
     def done_blocks(self) -> int:
@@ -101,9 +127,26 @@ class Checkpoints:
                 tensors[f"{name}::{field}"] = getattr(r, field)
             meta[name] = {"signed": r.signed, "folded": r.folded, "fmt": r.fmt.__dict__}
         tensors = to_host(tensors)
-        self.wait()
+        if self._pending is not None:  # the previous block's files (not the removals queued after them)
+            pending, self._pending = self._pending, None
+            pending.result()
         self._pending = self._writer.submit(self._write_block, index, weights, tensors, meta, report)
         return weights
+
+    def weights_moved(self, index: int, where: dict[str, tuple[str, str]]) -> None:
+        """Block ``index``'s weights are now read from other files (``{key in the block: (path relative to this
+        folder's parent, name in the file)}``): recorded (by the writer, after the block's own files), then its
+        weights file is removed by another thread, so that the next blocks' writes do not wait for the removal."""
+        recorded = self._writer.submit(self._record_move, index, where)
+        self._moves.append(self._remover.submit(self._remove_once_recorded, recorded, index))
+
+    def _record_move(self, index: int, where: dict[str, tuple[str, str]]) -> None:
+        self.state.setdefault("moved_weights", {})[str(index)] = where
+        self._commit()
+
+    def _remove_once_recorded(self, recorded: Future, index: int) -> None:
+        recorded.result()
+        (self.folder / f"block_{index}.safetensors").unlink(missing_ok=True)
 
     def _write_block(self, index: int, weights: dict[str, torch.Tensor] | None, tensors: dict[str, torch.Tensor],
                      meta: dict[str, Any], report: dict[str, Any]) -> None:
@@ -115,10 +158,14 @@ class Checkpoints:
         self._commit()
 
     def wait(self) -> None:
-        """Until the last block's files and state are written (raises what the writer raised)."""
+        """Until the last block's files and state are written and the moved weights' files removed (raises what the
+        writer raised)."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+        moves, self._moves = self._moves, []
+        for move in moves:
+            move.result()
 
     def restore_block(self, index: int, block: nn.Module) -> QuantResults:
         """The block's saved float weights put back (if it has any) and the codes its method chose."""
@@ -166,6 +213,9 @@ class NoCheckpoints:
         return None
 
     def wait(self) -> None:
+        pass
+
+    def weights_moved(self, index: int, where: dict[str, tuple[str, str]]) -> None:
         pass
 
     def mapped_block(self, index: int) -> None:

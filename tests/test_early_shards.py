@@ -4,6 +4,7 @@ save at the end writes, shards written early are not written again, and anything
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,119 @@ def test_a_vlm_folder_is_the_same_with_early_shards(tmp_path, small_shards, writ
     assert sorted(writes) == early_writes == sorted(s.filename for s in early.shards)  # none written again
     save_hf_folder(model, loaded.tokenizer, loaded.path, tmp_path / "plain", source_config=True)
     assert folder_bytes(tmp_path / "early") == folder_bytes(tmp_path / "plain")
+
+
+def test_blocks_whose_shards_landed_are_read_from_them(tmp_path, small_shards, writes):
+    from safetensors.torch import load_file
+
+    from llmc_tpu.engine.host_memory import file_mappings
+
+    loaded = load_model(str(make_tiny_model(tmp_path / "m", "llama", layers=4)))
+    model, spec = loaded.model, loaded.spec
+    save_hf_folder(model, loaded.tokenizer, loaded.path, tmp_path / "reference")
+    values = {k: v.clone() for k, v in model.state_dict().items()}
+    early = plan_early_shards(model, spec.blocks, tmp_path / "early")
+    moved = {}
+    for i in range(4):
+        early.block_done(i, model)
+        early.wait()
+        rebound = early.rebind_landed(model)
+        assert not set(rebound) & set(moved)  # each block once
+        moved.update(rebound)
+    assert sorted(moved) == [0, 1, 2, 3]
+    shards = [(start, end) for start, end, path in file_mappings() if path.startswith(str(tmp_path / "early"))]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, values[key]), key
+        if key.startswith(spec.blocks + "."):  # now a view of the shard's mapping
+            assert any(start <= value.data_ptr() < end for start, end in shards), key
+    for index, where in moved.items():
+        for key, (filename, name) in where.items():
+            assert torch.equal(load_file(str(tmp_path / "early" / filename))[name], values[f"{spec.blocks}.{index}.{key}"])
+    writes.clear()
+    save_hf_folder(model, loaded.tokenizer, loaded.path, tmp_path / "early", early=early)
+    assert writes == []  # the rebound tensors still count as the ones written
+    assert folder_bytes(tmp_path / "early") == folder_bytes(tmp_path / "reference")
+
+
+def _landed_first(monkeypatch):
+    """Every shard started before a block's end has landed when the run looks for landed ones (no timing)."""
+    import llmc_tpu.pipeline as pipeline
+
+    real = pipeline.Quantizer._block_final
+
+    def after_writes(self, index, model):
+        if self.early is not None:
+            self.early.wait()
+        real(self, index, model)
+
+    monkeypatch.setattr(pipeline.Quantizer, "_block_final", after_writes)
+    return after_writes
+
+
+def test_a_run_drops_the_checkpoint_weights_of_blocks_in_landed_shards(tmp_path, eval_txt, small_shards, monkeypatch):
+    import llmc_tpu.pipeline as pipeline
+    from llmc_tpu import resume
+    from llmc_tpu.config import parse_config
+
+    model_dir = make_tiny_model(tmp_path / "m", "llama", layers=4)
+
+    def run(out: Path) -> dict[str, str]:
+        cfg = parse_config({"model": {"path": str(model_dir)},
+                            "calib": {"name": "custom_txt", "path": str(eval_txt), "n_samples": 8, "seq_len": 32},
+                            "eval": {"eval_pos": []}, "quant": {"method": "Awq"},
+                            "save": {"save_path": str(out), "save_trans": True}})
+        pipeline.Quantizer(cfg, progress=False).run()
+        return folder_bytes(out / "transformed_model")
+
+    with monkeypatch.context() as plain:
+        plain.setattr(pipeline, "plan_early_shards", lambda *a, **k: None)
+        reference = run(tmp_path / "plain")
+    _landed_first(monkeypatch)
+    removed = []
+    real_remove = resume.Checkpoints._remove_once_recorded
+
+    def remove(self, recorded, index):
+        weights = self.folder / f"block_{index}.safetensors"
+        recorded.result()
+        assert weights.is_file() and str(index) in json.loads((self.folder / "state.json").read_text())["moved_weights"]
+        real_remove(self, recorded, index)
+        assert not weights.exists()
+        removed.append(index)
+
+    monkeypatch.setattr(resume.Checkpoints, "_remove_once_recorded", remove)
+    assert run(tmp_path / "early") == reference
+    assert removed and removed == sorted(removed) and 3 not in removed  # the last block's shard lands at the end
+
+
+def test_a_run_interrupted_after_moving_weights_resumes_to_the_same_folder(tmp_path, eval_txt, small_shards,
+                                                                            monkeypatch):
+    import llmc_tpu.pipeline as pipeline
+    from llmc_tpu.config import parse_config
+
+    model_dir = make_tiny_model(tmp_path / "m", "llama", layers=4)
+
+    def cfg(out: Path):
+        return parse_config({"model": {"path": str(model_dir)},
+                             "calib": {"name": "custom_txt", "path": str(eval_txt), "n_samples": 8, "seq_len": 32},
+                             "eval": {"eval_pos": []}, "quant": {"method": "Awq"},
+                             "save": {"save_path": str(out), "save_trans": True}})
+
+    pipeline.Quantizer(cfg(tmp_path / "plain"), progress=False).run()
+    real = pipeline.Quantizer._block_final
+    landed_first = _landed_first(monkeypatch)
+
+    def interrupted(self, index, model):
+        landed_first(self, index, model)
+        if index == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.Quantizer, "_block_final", interrupted)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.Quantizer(cfg(out), progress=False).run()
+    resume_folder = tmp_path / ".resumed.partial" / pipeline.RESUME_FOLDER
+    moved = json.loads((resume_folder / "state.json").read_text())["moved_weights"]
+    assert moved and all(not (resume_folder / f"block_{i}.safetensors").exists() for i in moved)
+    monkeypatch.setattr(pipeline.Quantizer, "_block_final", real)
+    pipeline.Quantizer(cfg(out), progress=False, resume=True).run()
+    assert folder_bytes(out / "transformed_model") == folder_bytes(tmp_path / "plain" / "transformed_model")

@@ -13,6 +13,10 @@ It applies where the handed-over tensors are the model's own (host tensors alrea
 fused or split on the way): a bf16 model saved as bf16. Elsewhere ``plan`` returns None and the final save
 writes everything, as before. The methods change block weights only; the blocks' weights are final once their
 checkpoint has landed and the model reads them from it.
+
+Once every shard that holds a block's weights has landed, ``rebind_landed`` points the block at those files (mapped:
+the same bytes) instead of its checkpoint, so the run can drop the checkpoint's copy while it goes on: the run
+then writes and removes each weight once, not twice at the end (removing 13 GB of files took 4 to 5 s there).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from llmc_tpu.engine.blockwise import View, view_of
@@ -41,6 +46,8 @@ class Shard:
     metadata: dict[str, str] | None
     blocks: set[int]  # the blocks whose weights it holds
     written: dict[str, View] | None = None  # saved name -> the view written (once written)
+    write: Future | None = None  # the write, once started
+    landed: bool = False  # written, and its tensors handed to ``rebind_landed``
 
 
 @contextmanager
@@ -84,12 +91,15 @@ def record_shards(model: nn.Module, state: dict[str, torch.Tensor], max_shard_si
 class EarlyShards:
     """The plan of a transformed model's shards, and their writing as blocks finish (see the module's doc)."""
 
-    def __init__(self, dest: Path, shards: list[Shard], workers: int) -> None:
+    def __init__(self, dest: Path, shards: list[Shard], workers: int, blocks_prefix: str) -> None:
         self.dest = dest
+        self.blocks_prefix = blocks_prefix
         self.shards = shards
         self.done: set[int] = set()
         self._pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="llmc_tpu-early-shard")
         self._writes: list[Future] = []
+        self._in_files: dict[str, tuple[Shard, str, torch.Tensor]] = {}  # model key -> landed shard, name, mapped
+        self.rebound: set[int] = set()  # blocks whose weights the model reads from the shards
 
     @classmethod
     def plan(cls, model: nn.Module, state: dict[str, torch.Tensor], blocks_prefix: str, dest: Path,
@@ -117,7 +127,7 @@ class EarlyShards:
                       if k.startswith(blocks_prefix + ".")}
             shards.append(Shard(filename, keys, metadata, blocks))
         dest.mkdir(parents=True, exist_ok=False)
-        early = cls(dest, shards, workers)
+        early = cls(dest, shards, workers, blocks_prefix)
         early._write_ready(model)  # shards without block weights
         return early
 
@@ -134,8 +144,38 @@ class EarlyShards:
         for shard in ready:
             tensors = {name: state[key] for name, key in shard.keys.items()}
             shard.written = {name: view_of(t) for name, t in tensors.items()}
-            self._writes.append(self._pool.submit(safetensors_stream.save_file, tensors, self.dest / shard.filename,
-                                                  shard.metadata))
+            shard.write = self._pool.submit(safetensors_stream.save_file, tensors, self.dest / shard.filename,
+                                            shard.metadata)
+            self._writes.append(shard.write)
+
+    def rebind_landed(self, model: nn.Module) -> dict[int, dict[str, tuple[str, str]]]:
+        """Blocks whose every weight is in a shard whose write has finished, and not rebound before: their weights
+        become the tensors mapped from those files (the same bytes; the final save still sees them as written).
+        Returns, per such block, where each of its weights now is: ``{key in the block: (file name, saved name)}``.
+        Does not wait for a write under way; a failed write is left for ``wait()`` to raise."""
+        for shard in self.shards:
+            if shard.write is None or shard.landed or not shard.write.done() or shard.write.exception() is not None:
+                continue
+            shard.landed = True
+            mapped = load_file(str(self.dest / shard.filename))
+            for name, key in shard.keys.items():
+                if key.startswith(self.blocks_prefix + "."):
+                    self._in_files[key] = (shard, name, mapped[name])
+        blocks_prefix, moved = self.blocks_prefix, {}
+        for index in sorted(self.done - self.rebound):
+            block = model.get_submodule(f"{blocks_prefix}.{index}")
+            prefix = f"{blocks_prefix}.{index}."
+            keys = list(block.state_dict())
+            if not keys or any(prefix + k not in self._in_files for k in keys):
+                continue
+            found = {k: self._in_files.pop(prefix + k) for k in keys}
+            block.load_state_dict({k: t for k, (_, _, t) in found.items()}, assign=True)
+            state = block.state_dict()
+            for k, (shard, name, _) in found.items():
+                shard.written[name] = view_of(state[k])  # what the final save will hand over
+            self.rebound.add(index)
+            moved[index] = {k: (shard.filename, name) for k, (shard, name, _) in found.items()}
+        return moved
 
     def wait(self) -> None:
         """Until every started write has landed (raises the first error)."""

@@ -79,6 +79,8 @@ def streamed_shards(early: EarlyShards | None = None) -> Iterator[set[str]]:
             if early is not None and early.written_as(Path(filename).name, tensors, metadata):
                 log.debug("%s: written as its blocks finished", filename)
                 return
+            if early is not None:  # written early, changed since: a new file (the model may read the old one, mapped)
+                Path(filename).unlink(missing_ok=True)
             writes.append(pool.submit(safetensors_stream.save_file, tensors, filename, metadata))
 
         with shard_writes_through(write_later):
