@@ -281,7 +281,7 @@ def test_a_run_drops_the_checkpoint_weights_of_blocks_in_landed_shards(tmp_path,
 
     monkeypatch.setattr(resume.Checkpoints, "_remove_once_recorded", remove)
     assert run(tmp_path / "early") == reference
-    assert removed and removed == sorted(removed) and 3 not in removed  # the last block's shard lands at the end
+    assert removed[:1] == [0] and removed == sorted(set(removed))  # in block order, each once
 
 
 def test_a_run_interrupted_after_moving_weights_resumes_to_the_same_folder(tmp_path, eval_txt, small_shards,
