@@ -20,6 +20,16 @@ def folder_bytes(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+def run_config(model_dir: Path, calib_txt: Path, out: Path, method: str = "Awq"):
+    """A run of the tiny model with its transformed model saved and no evaluation."""
+    from llmc_tpu.config import parse_config
+
+    return parse_config({"model": {"path": str(model_dir)},
+                         "calib": {"name": "custom_txt", "path": str(calib_txt), "n_samples": 8, "seq_len": 32},
+                         "eval": {"eval_pos": []}, "quant": {"method": method},
+                         "save": {"save_path": str(out), "save_trans": True}})
+
+
 @pytest.fixture
 def small_shards(monkeypatch):
     monkeypatch.setattr(hf_folder, "SHARD_SIZE", "150KB")  # a few shards of a tiny model, blocks spread over them
@@ -121,16 +131,11 @@ def test_tied_embeddings_are_planned(tmp_path):
 def test_a_run_writes_the_same_folder_with_and_without_early_shards(method, tmp_path, eval_txt, small_shards,
                                                                     writes, monkeypatch):
     import llmc_tpu.pipeline as pipeline
-    from llmc_tpu.config import parse_config
 
     model_dir = make_tiny_model(tmp_path / "m", "llama", layers=4)
 
     def run(out: Path) -> dict[str, str]:
-        cfg = parse_config({"model": {"path": str(model_dir)},
-                            "calib": {"name": "custom_txt", "path": str(eval_txt), "n_samples": 8, "seq_len": 32},
-                            "eval": {"eval_pos": []}, "quant": {"method": method},
-                            "save": {"save_path": str(out), "save_trans": True}})
-        pipeline.Quantizer(cfg, progress=False).run()
+        pipeline.Quantizer(run_config(model_dir, eval_txt, out, method), progress=False).run()
         return folder_bytes(out / "transformed_model")
 
     saves = []
@@ -154,15 +159,11 @@ def test_a_run_writes_the_same_folder_with_and_without_early_shards(method, tmp_
 
 def test_a_run_interrupted_after_early_shards_resumes_to_the_same_folder(tmp_path, eval_txt, small_shards, monkeypatch):
     import llmc_tpu.pipeline as pipeline
-    from llmc_tpu.config import parse_config
 
     model_dir = make_tiny_model(tmp_path / "m", "llama", layers=4)
 
     def cfg(out: Path):
-        return parse_config({"model": {"path": str(model_dir)},
-                             "calib": {"name": "custom_txt", "path": str(eval_txt), "n_samples": 8, "seq_len": 32},
-                             "eval": {"eval_pos": []}, "quant": {"method": "Awq"},
-                             "save": {"save_path": str(out), "save_trans": True}})
+        return run_config(model_dir, eval_txt, out)
 
     pipeline.Quantizer(cfg(tmp_path / "plain"), progress=False).run()
     real = pipeline.Quantizer._block_final
@@ -252,16 +253,11 @@ def _landed_first(monkeypatch):
 def test_a_run_drops_the_checkpoint_weights_of_blocks_in_landed_shards(tmp_path, eval_txt, small_shards, monkeypatch):
     import llmc_tpu.pipeline as pipeline
     from llmc_tpu import resume
-    from llmc_tpu.config import parse_config
 
     model_dir = make_tiny_model(tmp_path / "m", "llama", layers=4)
 
     def run(out: Path) -> dict[str, str]:
-        cfg = parse_config({"model": {"path": str(model_dir)},
-                            "calib": {"name": "custom_txt", "path": str(eval_txt), "n_samples": 8, "seq_len": 32},
-                            "eval": {"eval_pos": []}, "quant": {"method": "Awq"},
-                            "save": {"save_path": str(out), "save_trans": True}})
-        pipeline.Quantizer(cfg, progress=False).run()
+        pipeline.Quantizer(run_config(model_dir, eval_txt, out), progress=False).run()
         return folder_bytes(out / "transformed_model")
 
     with monkeypatch.context() as plain:
@@ -287,15 +283,11 @@ def test_a_run_drops_the_checkpoint_weights_of_blocks_in_landed_shards(tmp_path,
 def test_a_run_interrupted_after_moving_weights_resumes_to_the_same_folder(tmp_path, eval_txt, small_shards,
                                                                             monkeypatch):
     import llmc_tpu.pipeline as pipeline
-    from llmc_tpu.config import parse_config
 
     model_dir = make_tiny_model(tmp_path / "m", "llama", layers=4)
 
     def cfg(out: Path):
-        return parse_config({"model": {"path": str(model_dir)},
-                             "calib": {"name": "custom_txt", "path": str(eval_txt), "n_samples": 8, "seq_len": 32},
-                             "eval": {"eval_pos": []}, "quant": {"method": "Awq"},
-                             "save": {"save_path": str(out), "save_trans": True}})
+        return run_config(model_dir, eval_txt, out)
 
     pipeline.Quantizer(cfg(tmp_path / "plain"), progress=False).run()
     real = pipeline.Quantizer._block_final
