@@ -418,6 +418,7 @@ class Quantizer:
             if blocks and self.ckpt.done_blocks == len(blocks):
                 self._map_from_checkpoint(len(blocks) - 1, blocks[-1], f"{spec.blocks}.{len(blocks) - 1}", results)
                 self._block_final(len(blocks) - 1, model)
+                self.ckpt.wait()  # the checkpoint files it removes
         for name, seconds in split.times.items():
             self.timer.times[f"quantize: {name}"] = seconds
         if self.timer.memory is not None:

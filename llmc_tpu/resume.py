@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class Checkpoints:
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         self.fp = fingerprint(config)
+        self._committing = threading.Lock()
         state_file = folder / "state.json"
         if state_file.exists():
             self.state = json.loads(state_file.read_text(encoding="utf-8"))
@@ -96,7 +98,8 @@ class Checkpoints:
         return int(self.state["done_blocks"])
 
     def _commit(self) -> None:
-        _atomic_json(self.folder / "state.json", self.state)
+        with self._committing:  # the writer thread and the main one (evaluations) both commit
+            _atomic_json(self.folder / "state.json", self.state)
 
     # -- evaluations -----------------------------------------------------------------------------
     def save_eval(self, pos: str, ppl: dict[str, float], predictions: dict[str, torch.Tensor | None]) -> None:
