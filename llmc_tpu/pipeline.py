@@ -488,8 +488,8 @@ class Quantizer:
     def _block_final(self, index: int, model: torch.nn.Module) -> None:
         """A block's weights are final and read from its checkpoint: the transformed model's shards that are now
         complete are written in the background, and the blocks whose weights have all landed in written shards are
-        read from those instead, their checkpoint's weights file removed in the background (each weight written once
-        and removed during the run, not at its end)."""
+        read from those instead, their checkpoint's weights file removed in the background (during the run, not at
+        its end)."""
         if self.early is not None:
             self.early.block_done(index, model)
             if self.weights_checkpointed:

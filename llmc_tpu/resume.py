@@ -130,9 +130,7 @@ class Checkpoints:
                 tensors[f"{name}::{field}"] = getattr(r, field)
             meta[name] = {"signed": r.signed, "folded": r.folded, "fmt": r.fmt.__dict__}
         tensors = to_host(tensors)
-        if self._pending is not None:  # the previous block's files (not the removals queued after them)
-            pending, self._pending = self._pending, None
-            pending.result()
+        self._wait_block_files()  # the previous block's (not the removals queued after them)
         self._pending = self._writer.submit(self._write_block, index, weights, tensors, meta, report)
         return weights
 
@@ -160,12 +158,16 @@ class Checkpoints:
         self.state["block_reports"].append(report)
         self._commit()
 
-    def wait(self) -> None:
-        """Until the last block's files and state are written and the moved weights' files removed (raises what the
-        writer raised)."""
+    def _wait_block_files(self) -> None:
+        """Until the last block's files and state are written (raises what the writer raised)."""
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+
+    def wait(self) -> None:
+        """Until the last block's files and state are written and the moved weights' files removed (raises what the
+        writer raised)."""
+        self._wait_block_files()
         moves, self._moves = self._moves, []
         for move in moves:
             move.result()
